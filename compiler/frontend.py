@@ -1,0 +1,256 @@
+"""Frontend: load a causal LM and trace it to one ATen-level torch.fx GraphModule.
+
+torch.export is the only frontend (transformers 5 has no fx tracer and
+``torch.fx.symbolic_trace`` fails on HF models). The model is wrapped as
+``forward(input_ids) -> logits`` with ``use_cache=False`` and exported with dynamic batch and
+sequence dims; ``.module()`` gives the GraphModule every pass works on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from compiler.errors import UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+# Tiny random-init configs per family (seeded init); used by tests, the CLI default and examples.
+# Families that transformers ships; the architecture knowledge lives in the channel-graph rules,
+# not here: these are only sizes.
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, tie_word_embeddings=False),
+    "opt": dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                num_attention_heads=4, vocab_size=256, max_position_embeddings=512,
+                word_embed_proj_dim=64, enable_bias=True),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, n_inner=128, vocab_size=256,
+                 n_positions=512, bos_token_id=0, eos_token_id=0),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, tie_word_embeddings=False),
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=256, max_position_embeddings=512, sliding_window=None),
+    "phi3": dict(model_type="phi3", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
+                 max_position_embeddings=512, pad_token_id=0, bos_token_id=0,
+                 eos_token_id=0),
+    "gpt_neox": dict(model_type="gpt_neox", hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=2, num_attention_heads=4, vocab_size=256,
+                     max_position_embeddings=512),
+    "gemma": dict(model_type="gemma", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  max_position_embeddings=512),
+}
+
+
+class CausalLMWrapper(torch.nn.Module):
+    """``forward(input_ids) -> logits`` around an HF ``*ForCausalLM`` or a plain module."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self._is_hf = hasattr(model, "config") and hasattr(model.config, "model_type")
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self._is_hf:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+        out = self.model(input_ids)
+        return out.logits if hasattr(out, "logits") else out
+
+
+def tiny_config(family: str, **overrides: Any):
+    """A transformers config for a tiny random-init model of ``family`` (see TINY_CONFIGS)."""
+    from transformers import AutoConfig
+
+    if family not in TINY_CONFIGS:
+        raise UnsupportedModelError(
+            f"no tiny config for family {family!r}; known: {', '.join(sorted(TINY_CONFIGS))}"
+        )
+    kw = dict(TINY_CONFIGS[family])
+    kw.update(overrides)
+    model_type = kw.pop("model_type")
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def load_model(spec: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a causal LM from a local HF folder, a config (random init), a tiny family name or a module.
+
+    Args:
+        spec: an ``nn.Module`` (returned as is, in eval mode); a path to a local Hugging Face
+            folder (``config.json`` + weights); a transformers ``PretrainedConfig`` or a path to a
+            ``config.json`` (random init with ``seed``); or ``"tiny-<family>"`` (``tiny-llama``...).
+        seed: seed for random init.
+        dtype: parameter dtype.
+
+    Returns:
+        The model in eval mode.
+
+    Raises:
+        UnsupportedModelError: missing path, unknown family, or a model that is not a
+            decoder-only causal LM (encoder-only, seq2seq).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(spec, torch.nn.Module):
+        check_causal_lm(spec)
+        return spec.eval()
+    if isinstance(spec, PretrainedConfig):
+        return _from_config(spec, seed, dtype)
+    if isinstance(spec, str) and spec.startswith("tiny-"):
+        return _from_config(tiny_config(spec[len("tiny-") :]), seed, dtype)
+    path = Path(os.fspath(spec))
+    if not path.exists():
+        raise UnsupportedModelError(
+            f"model path {str(path)!r} does not exist (expected a local Hugging Face folder, a "
+            f"config.json, or 'tiny-<family>' with family in {sorted(TINY_CONFIGS)})"
+        )
+    if path.is_file():
+        if path.suffix != ".json":
+            raise UnsupportedModelError(f"{path}: expected a folder or a config.json")
+        config = AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else (
+            PretrainedConfig.from_dict(json.loads(path.read_text()))
+        )
+        return _from_config(config, seed, dtype)
+    if not (path / "config.json").exists():
+        raise UnsupportedModelError(f"{path}: no config.json in this folder")
+    config = AutoConfig.from_pretrained(str(path))
+    _check_config(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise UnsupportedModelError(f"{path}: could not load weights: {e}") from e
+    return model.eval()
+
+
+def _from_config(config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    _check_config(config)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _check_config(config) -> None:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    name = type(config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{config.model_type} ({name}) is an encoder-decoder (seq2seq) model; fxcompress "
+            "compiles decoder-only causal LMs"
+        )
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise UnsupportedModelError(
+            f"{config.model_type} ({name}) has no causal-LM head in transformers (encoder-only?); "
+            "fxcompress compiles decoder-only causal LMs"
+        )
+
+
+def check_causal_lm(model: torch.nn.Module) -> None:
+    """Raise if an HF model is encoder-only or seq2seq; plain modules are taken on trust."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-decoder (seq2seq) model; fxcompress compiles "
+            "decoder-only causal LMs"
+        )
+    if not type(model).__name__.endswith("ForCausalLM") and not hasattr(model, "lm_head"):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is not a causal LM (no *ForCausalLM head); fxcompress "
+            "compiles decoder-only causal LMs"
+        )
+
+
+def vocab_size(model: torch.nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "vocab_size", None)
+
+
+def default_example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16) -> torch.Tensor:
+    """Random token ids ``[batch, seq]`` within the model's vocabulary (seeded)."""
+    g = torch.Generator().manual_seed(1234)
+    v = vocab_size(model) or 256
+    return torch.randint(0, v, (batch, seq), generator=g)
+
+
+def trace(model: torch.nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
+    """Export ``model`` with dynamic batch and sequence dims and return a normalised GraphModule.
+
+    Args:
+        model: a causal LM (``input_ids -> logits`` or an HF ``*ForCausalLM``).
+        example_inputs: ``input_ids`` ``[batch, seq]`` (batch, seq >= 2 so export does not
+            specialise them); default: random ids of shape ``[2, 16]``.
+
+    Raises:
+        UnsupportedModelError: naming the model class and the underlying export failure.
+    """
+    check_causal_lm(model)
+    model = model.eval()
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    if example_inputs.dim() != 2 or example_inputs.dtype not in (torch.int64, torch.int32):
+        raise UnsupportedModelError(
+            f"example input_ids must be an integer tensor [batch, seq]; got {example_inputs.dtype} "
+            f"{tuple(example_inputs.shape)}"
+        )
+    max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None) or 4096
+    wrapper = CausalLMWrapper(model)
+    batch = torch.export.Dim("batch", max=4096)
+    seq = torch.export.Dim("seq", max=max(int(max_pos), 2))
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(
+                wrapper, (example_inputs,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}
+            )
+    except Exception as e:  # torch.export raises many kinds; name the model and the cause
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(
+            f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {first}"
+        ) from e
+    gm = ep.module()
+    normalize(gm)
+    gm.meta["fxcompress_model_class"] = type(model).__name__
+    gm.meta["fxcompress_config"] = _config_dict(model)
+    return gm
+
+
+def _config_dict(model: torch.nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    try:
+        return json.loads(config.to_json_string(use_diff=False))
+    except Exception:  # a config that cannot serialise should not stop tracing
+        return {}
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's guard call and tensor-metadata asserts; dead-code-eliminate; recompile."""
+    g = gm.graph
+    for n in list(g.nodes):
+        if n.op == "call_module" and str(n.target).startswith("_guards"):
+            g.erase_node(n)
+            if hasattr(gm, str(n.target)):
+                delattr(gm, str(n.target))
+        elif n.op == "call_function" and n.target in (
+            torch.ops.aten._assert_tensor_metadata.default,
+            torch.ops.aten._assert_scalar.default,
+            torch.ops.aten.sym_constrain_range_for_size.default,
+        ):
+            g.erase_node(n)
+    g.eliminate_dead_code()
+    g.lint()
+    gm.recompile()
+    return gm

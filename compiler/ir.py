@@ -1,0 +1,265 @@
+"""Small IR helpers over torch.fx GraphModules produced by torch.export.
+
+Passes read and write parameters only through these helpers, and name things by *site*:
+a stable string derived from ``nn_module_stack`` (e.g. ``model.layers.3.mlp.down_proj``),
+never by fx node names, which change from trace to trace.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable, Iterator
+
+import torch
+import torch.fx as fx
+
+from compiler.errors import PassError
+
+aten = torch.ops.aten
+
+#: Prefix the tracing wrapper adds to every module path (``CausalLMWrapper.model``).
+WRAPPER_PREFIX = "model."
+
+LINEAR = aten.linear.default
+EMBEDDING = aten.embedding.default
+RMS_NORM = aten.rms_norm.default
+LAYER_NORM = aten.layer_norm.default
+SDPA = aten.scaled_dot_product_attention.default
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path of ``node`` with the wrapper prefix removed ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    if path.startswith("L['self']."):  # older torch spelling
+        path = path[len("L['self'].") :]
+    if path.startswith(WRAPPER_PREFIX):
+        path = path[len(WRAPPER_PREFIX) :]
+    elif path == WRAPPER_PREFIX.rstrip("."):
+        path = ""
+    return path
+
+
+def module_type(node: fx.Node) -> str:
+    """The innermost module class name of ``node`` ('' when unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    typ = list(stack.values())[-1][1]
+    name = typ if isinstance(typ, str) else getattr(typ, "__name__", str(typ))
+    return name.rsplit(".", 1)[-1]
+
+
+def site(node: fx.Node, role: str | None = None) -> str:
+    """Stable site name of a node: ``<module path>`` or ``<module path>:<role>`` (e.g. ``:in``)."""
+    path = module_path(node) or "<top>"
+    return f"{path}:{role}" if role else path
+
+
+def block_index(node: fx.Node) -> int | None:
+    """Index of the repeated decoder block a node belongs to (``layers.3`` -> 3), else None."""
+    parts = module_path(node).split(".")
+    for i, p in enumerate(parts[:-1]):
+        if p in ("layers", "h", "layer", "blocks", "block") and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+# ------------------------------------------------------------------------- node utilities
+
+
+def is_op(node: fx.Node, *targets) -> bool:
+    """True if ``node`` calls one of ``targets`` (ATen overloads or packets)."""
+    if node.op != "call_function":
+        return False
+    for t in targets:
+        if node.target is t:
+            return True
+        if isinstance(t, torch._ops.OpOverloadPacket) and getattr(node.target, "overloadpacket", None) is t:
+            return True
+    return False
+
+
+def nodes_of(gm: fx.GraphModule, *targets) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if is_op(n, *targets)]
+
+
+def shape_of(node: fx.Node) -> tuple | None:
+    """Shape recorded in ``node.meta['val']`` (may contain SymInts), or None."""
+    val = node.meta.get("val")
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def op_name(node: fx.Node) -> str:
+    """Short op name used in reports: ``linear``, ``rms_norm``, ``getitem``..."""
+    if node.op != "call_function":
+        return node.op
+    t = node.target
+    if isinstance(t, torch._ops.OpOverload):
+        ns = t.namespace
+        base = t._schema.name.split("::")[-1]
+        return base if ns == "aten" else f"{ns}.{base}"
+    return getattr(t, "__name__", str(t))
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """Counter of call_function op names in the graph."""
+    return Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function")
+
+
+def copy_meta(src: fx.Node, dst: fx.Node, created_by: str | None = None) -> None:
+    """Copy module-stack and shape metadata from ``src`` to a new node ``dst``."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    if created_by:
+        dst.meta["fxcompress_created_by"] = created_by
+
+
+def users_in_order(node: fx.Node) -> list[fx.Node]:
+    return list(node.users)
+
+
+def iter_get_attrs(gm: fx.GraphModule) -> Iterator[fx.Node]:
+    return (n for n in gm.graph.nodes if n.op == "get_attr")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def _resolve(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    *path, leaf = target.split(".")
+    mod = gm
+    for p in path:
+        if not hasattr(mod, p):
+            raise PassError(f"no submodule {p!r} on the way to parameter {target!r}")
+        mod = getattr(mod, p)
+    return mod, leaf
+
+
+def get_param(gm: torch.nn.Module, target: str | fx.Node) -> torch.Tensor:
+    """The tensor behind a ``get_attr`` target (a parameter or buffer)."""
+    if isinstance(target, fx.Node):
+        target = _attr_target(target)
+    mod, leaf = _resolve(gm, target)
+    if not hasattr(mod, leaf):
+        raise PassError(f"parameter {target!r} does not exist in the graph module")
+    return getattr(mod, leaf)
+
+
+def set_param(gm: torch.nn.Module, target: str | fx.Node, value: torch.Tensor) -> None:
+    """Replace the tensor behind a ``get_attr`` target, keeping parameter-vs-buffer kind.
+
+    Shape may change (pruning, slicing); callers re-propagate shapes afterwards.
+    """
+    if isinstance(target, fx.Node):
+        target = _attr_target(target)
+    mod, leaf = _resolve(gm, target)
+    value = value.detach()
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    else:
+        raise PassError(f"parameter {target!r} does not exist in the graph module")
+
+
+def add_param(gm: fx.GraphModule, target: str, value: torch.Tensor, *, before: fx.Node) -> fx.Node:
+    """Register a new parameter under a unique dotted name and return a ``get_attr`` node for it.
+
+    The ``get_attr`` is inserted before ``before`` (usually the first user).
+    """
+    name = target
+    k = 1
+    while _has_attr(gm, name):
+        name = f"{target}_{k}"
+        k += 1
+    *path, leaf = name.split(".")
+    mod = gm
+    for p in path:
+        if not hasattr(mod, p):
+            mod.add_module(p, torch.nn.Module())
+        mod = getattr(mod, p)
+    mod.register_parameter(leaf, torch.nn.Parameter(value.detach(), requires_grad=False))
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value.detach()
+    return node
+
+
+def _has_attr(gm: torch.nn.Module, target: str) -> bool:
+    try:
+        mod, leaf = _resolve(gm, target)
+    except PassError:
+        return False
+    return hasattr(mod, leaf)
+
+
+def _attr_target(node: fx.Node) -> str:
+    if node.op != "get_attr":
+        raise PassError(f"node {node.name} is a {node.op}, not a parameter (get_attr)")
+    return str(node.target)
+
+
+def has_attr(gm: torch.nn.Module, target: str) -> bool:
+    return _has_attr(gm, target)
+
+
+def param_node(node: fx.Node | None) -> fx.Node | None:
+    """The ``get_attr`` node if ``node`` is one, else None (convenience for optional biases)."""
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
+    """(input, weight get_attr, bias get_attr or None) of an ``aten.linear`` node."""
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return x, w, b
+
+
+def count_params(gm: torch.nn.Module) -> int:
+    """Number of distinct parameter elements reachable from the graph's get_attr nodes."""
+    seen: set[int] = set()
+    total = 0
+    if isinstance(gm, fx.GraphModule):
+        tensors: Iterable[torch.Tensor] = (get_param(gm, n) for n in iter_get_attrs(gm))
+    else:
+        tensors = gm.parameters()
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or id(t) in seen:
+            continue
+        seen.add(id(t))
+        if t.is_floating_point() or t.dtype in (torch.int8, torch.uint8, torch.int32):
+            total += t.numel()
+    return total
+
+
+def param_bytes(gm: fx.GraphModule) -> int:
+    seen: set[int] = set()
+    total = 0
+    for n in iter_get_attrs(gm):
+        t = get_param(gm, n)
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def remove_unused_attrs(gm: fx.GraphModule) -> int:
+    """Delete parameters no get_attr reads any more; returns how many were removed."""
+    used = {str(n.target) for n in iter_get_attrs(gm)}
+    removed = 0
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        if name not in used:
+            mod, leaf = _resolve(gm, name)
+            mod._parameters.pop(leaf, None)
+            mod._buffers.pop(leaf, None)
+            removed += 1
+    return removed

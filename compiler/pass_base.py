@@ -1,0 +1,164 @@
+"""The Pass contract, pass results, the pass context and the analysis cache.
+
+A pass is a class with keyword-only, validated hyper-parameters and no graph state.
+``run(gm, ctx)`` mutates ``gm`` in place and returns a :class:`PassResult`. Each pass declares
+whether it preserves the function (``exact``), which graph *properties* it requires, which it
+establishes and which it destroys; the pass manager checks the order against those declarations
+before anything runs.
+
+Properties are plain strings. The ones in use:
+
+- ``canonical``: one vocabulary (norm ops raised, Conv1D as linear, asserts removed).
+- ``calibrated``: calibration batches are available (satisfied by ``ctx.calibration``).
+- ``quantized``: Q/DQ nodes are in the graph (exact channel transforms must run before).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger(__name__)
+
+#: A PassResult with ``preserved=ALL`` keeps every cached analysis.
+ALL = frozenset({"*"})
+
+
+@dataclass
+class PassResult:
+    """What a pass did.
+
+    Attributes:
+        gm: the (same, mutated) GraphModule.
+        modified: False only if graph and weights are bitwise unchanged.
+        preserved: names of analyses still valid (``ALL`` when nothing changed).
+        stats: counters (sites rewritten, params before/after, ...).
+        notes: one line per skipped site, with the reason.
+    """
+
+    gm: fx.GraphModule
+    modified: bool
+    preserved: frozenset[str] = frozenset()
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def unchanged(cls, gm: fx.GraphModule, notes: Iterable[str] = (), **stats) -> "PassResult":
+        return cls(gm, False, ALL, dict(stats), list(notes))
+
+
+class Pass:
+    """Base class of every pass.
+
+    Subclasses set the class attributes below and implement :meth:`run`. Hyper-parameters are
+    keyword-only ``__init__`` arguments, validated there (raise ``ValueError`` naming the option).
+    """
+
+    #: registry name (``"smoothquant"``)
+    name: ClassVar[str] = ""
+    #: True if the pass preserves the model function (checked numerically after it runs)
+    exact: ClassVar[bool] = True
+    #: properties the graph must have before this pass
+    requires: ClassVar[frozenset[str]] = frozenset()
+    #: properties the pass establishes
+    establishes: ClassVar[frozenset[str]] = frozenset()
+    #: properties the pass destroys
+    destroys: ClassVar[frozenset[str]] = frozenset()
+
+    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        """The hyper-parameters, for reports and recipes (public attributes set in ``__init__``)."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name or type(self).__name__}({opts})"
+
+
+class Analysis:
+    """An analysis computed on demand and cached by the :class:`AnalysisManager`.
+
+    Subclasses set ``name`` and implement ``compute(gm, ctx, **key)``; ``key`` values must be
+    hashable (use tuples/frozensets).
+    """
+
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def compute(cls, gm: fx.GraphModule, ctx: "PassContext", **key) -> Any:
+        raise NotImplementedError
+
+
+class AnalysisManager:
+    """Caches analysis results per (analysis, key); invalidated by what a pass did not preserve."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, Any] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: "PassContext", **key) -> Any:
+        k = (analysis.name, tuple(sorted(key.items())))
+        if k in self._cache:
+            self.hits += 1
+            return self._cache[k]
+        self.misses += 1
+        value = analysis.compute(gm, ctx, **key)
+        self._cache[k] = value
+        return value
+
+    def invalidate(self, preserved: frozenset[str]) -> None:
+        if "*" in preserved:
+            return
+        for k in list(self._cache):
+            if k[0] not in preserved:
+                del self._cache[k]
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+@dataclass
+class PassContext:
+    """Everything a pass may read besides the graph.
+
+    Attributes:
+        calibration: list of ``input_ids`` tensors ``[batch, seq]``, or None.
+        probe_inputs: ``input_ids`` used for numerical checks.
+        analyses: the analysis cache.
+        properties: graph properties established so far.
+        seed: seed for any randomness a pass needs.
+        progress: whether long work shows progress bars.
+        history: names of the passes run so far (for error messages).
+    """
+
+    calibration: list[torch.Tensor] | None = None
+    probe_inputs: torch.Tensor | None = None
+    analyses: AnalysisManager = field(default_factory=AnalysisManager)
+    properties: set[str] = field(default_factory=set)
+    seed: int = 0
+    progress: bool = False
+    history: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def analysis(self, analysis: type[Analysis], gm: fx.GraphModule, **key) -> Any:
+        return self.analyses.get(analysis, gm, self, **key)
+
+    def require_calibration(self, who: str) -> list[torch.Tensor]:
+        from compiler.errors import PreconditionError
+
+        if not self.calibration:
+            raise PreconditionError(
+                f"{who} needs calibration data; pass calibration=[input_ids, ...] to compile() "
+                "(or --calib on the command line)"
+            )
+        return self.calibration
+
+
+ProgressFn = Callable[[Iterable], Iterable]

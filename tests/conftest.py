@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random-init models per family, their traced graphs, the real stories260K."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.frontend import TINY_CONFIGS, load_model, trace
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("FXCOMPRESS_DATA")
+    candidates = [Path(env)] if env else []
+    candidates += [REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for c in candidates:
+        if c.is_dir():
+            return c
+    return None
+
+
+DATA = shared_data_dir()
+STORIES = DATA / "stories260K" / "hf" if DATA else None
+needs_data = pytest.mark.skipif(
+    DATA is None, reason="shared data not found (set FXCOMPRESS_DATA or place ../shared/data)"
+)
+needs_stories = pytest.mark.skipif(
+    STORIES is None or not (STORIES / "config.json").exists(),
+    reason="stories260K not found in the shared data dir (../shared/data/stories260K/hf)",
+)
+
+FAMILIES = sorted(TINY_CONFIGS)
+CORE_FAMILIES = ["llama", "opt", "gpt2"]
+
+_models: dict[str, torch.nn.Module] = {}
+_graphs: dict[str, torch.fx.GraphModule] = {}
+
+
+def tiny_model(family: str) -> torch.nn.Module:
+    """Seeded tiny random-init model (cached across tests; do not mutate it)."""
+    if family not in _models:
+        _models[family] = load_model(f"tiny-{family}", seed=0)
+    return _models[family]
+
+
+def tiny_graph(family: str) -> torch.fx.GraphModule:
+    """A fresh traced graph of the tiny model (a deep copy each call, safe to mutate)."""
+    import copy
+
+    if family not in _graphs:
+        _graphs[family] = trace(tiny_model(family))
+    return copy.deepcopy(_graphs[family])
+
+
+def stories_model() -> torch.nn.Module:
+    if "stories260K" not in _models:
+        _models["stories260K"] = load_model(STORIES)
+    return _models["stories260K"]
+
+
+def stories_graph() -> torch.fx.GraphModule:
+    import copy
+
+    if "stories260K" not in _graphs:
+        _graphs["stories260K"] = trace(stories_model())
+    return copy.deepcopy(_graphs["stories260K"])
+
+
+@pytest.fixture
+def probe_ids() -> torch.Tensor:
+    """Probe batch [2, 24] of token ids valid for every tiny model (vocab 256)."""
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture
+def calib_batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 256, (2, 32), generator=g) for _ in range(4)]
