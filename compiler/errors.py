@@ -33,3 +33,7 @@ class ArtifactError(FxCompressError):
 
 class DataError(FxCompressError):
     """Evaluation or calibration data is missing or malformed."""
+
+
+class ExportError(FxCompressError):
+    """Lowering to a backend format (ONNX) failed, or its output could not be written."""
