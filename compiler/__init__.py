@@ -10,10 +10,12 @@ from compiler.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from compiler.api import CompiledModel, compile, load
 from compiler.frontend import load_model, trace
 from compiler.pass_base import Analysis, Pass, PassContext, PassResult
 
 __all__ = [
+    "CompiledModel", "compile", "load",
     "Analysis", "ArtifactError", "DataError", "FxCompressError", "Pass", "PassContext",
     "PassError", "PassResult", "PipelineError", "PreconditionError", "UnsupportedModelError",
     "VerificationError", "load_model", "trace",

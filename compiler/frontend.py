@@ -254,3 +254,24 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     g.lint()
     gm.recompile()
     return gm
+
+
+def export_program(gm: torch.nn.Module, example_inputs: torch.Tensor | None = None):
+    """Re-export a (compiled) GraphModule to an ``ExportedProgram`` with dynamic batch/seq dims.
+
+    Used by saving and by the ONNX backend: both need an ExportedProgram, and re-exporting the
+    GraphModule keeps one IR from trace to lowering.
+    """
+    if example_inputs is None:
+        vocab = (getattr(gm, "meta", {}).get("fxcompress_config") or {}).get("vocab_size") or 2
+        example_inputs = torch.randint(0, int(vocab), (2, 16), generator=torch.Generator().manual_seed(0))
+    batch = torch.export.Dim("batch", max=4096)
+    seq = torch.export.Dim("seq", max=65536)
+    with torch.no_grad():
+        try:
+            return torch.export.export(
+                gm, (example_inputs,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}
+            )
+        except Exception:
+            # positional name differs for some GraphModules; fall back to a positional spec
+            return torch.export.export(gm, (example_inputs,), dynamic_shapes=({0: batch, 1: seq},))

@@ -1,0 +1,11 @@
+"""Compression passes, one per file, registered by name for recipes and the CLI.
+
+``make_pass("smoothquant(alpha=0.5)")`` builds a pass from its registry string.
+"""
+
+from compiler.registry import load_recipe, make_pass, make_passes, register, registered
+from passes.canonicalize import Canonicalize
+
+register(Canonicalize)
+
+__all__ = ["Canonicalize", "load_recipe", "make_pass", "make_passes", "register", "registered"]

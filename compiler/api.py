@@ -1,0 +1,310 @@
+"""``compile()``: trace, canonicalize, run the checked pass pipeline; the compiled model.
+
+The compiled model is callable like the original (``input_ids -> logits``), exposes the
+GraphModule and the per-pass report, exports ONNX, and saves/loads itself. A saved artifact is a
+folder with the re-exported program (``program.pt2``), the report and a manifest of SHA-256
+hashes; loading checks every hash first and never unpickles arbitrary objects (``torch.load`` is
+forced to ``weights_only=True`` while the program loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from compiler import ir
+from compiler.errors import ArtifactError, DataError, FxCompressError
+from compiler.frontend import export_program, load_model, normalize, trace
+from compiler.pass_base import Pass, PassContext
+from compiler.pass_manager import DumpIR, Instrument, LogitsDrift, PassManager
+from compiler.registry import make_pass
+from compiler.report import Report
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "fxcompress-artifact"
+ARTIFACT_VERSION = 1
+
+
+class CompiledModel:
+    """A compiled causal LM: ``input_ids -> logits``, with its graph and report."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, *, config: dict | None = None,
+                 model_class: str = ""):
+        self.graph_module = graph_module
+        self.report = report
+        self.config = config or {}
+        self.model_class = model_class
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.graph_module(input_ids)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.config.get("vocab_size")
+
+    def num_parameters(self) -> int:
+        return ir.count_params(self.graph_module)
+
+    def example_inputs(self) -> torch.Tensor:
+        vocab = self.vocab_size or 2
+        return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def export_onnx(self, path: str | os.PathLike, **kwargs: Any) -> Path:
+        """Export to ONNX (dynamic batch and sequence); written atomically. See backends.onnxruntime."""
+        from backends.onnxruntime import export_onnx
+
+        kwargs.setdefault("example_inputs", self.example_inputs())
+        return export_onnx(self.graph_module, path, **kwargs)
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the compiled artifact to ``directory`` atomically (program, report, manifest)."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not overwrite:
+            raise ArtifactError(f"{directory} exists and is not empty (pass overwrite=True)")
+        parent = directory.parent if str(directory.parent) else Path(".")
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
+        except OSError as e:
+            raise ArtifactError(f"cannot write the artifact to {directory}: {e}") from e
+        try:
+            ep = export_program(self.graph_module, self.example_inputs())
+            torch.export.save(ep, tmp / "program.pt2")
+            (tmp / "report.json").write_text(self.report.to_json())
+            manifest = {
+                "format": ARTIFACT_FORMAT,
+                "version": ARTIFACT_VERSION,
+                "model_class": self.model_class,
+                "config": self.config,
+                "files": {f: _file_entry(tmp / f) for f in ("program.pt2", "report.json")},
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+            _replace_dir(tmp, directory)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise ArtifactError(f"cannot write the artifact to {directory}: {e}") from e
+            raise
+        log.info("saved compiled model to %s", directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "CompiledModel":
+        """Load an artifact written by :meth:`save`, checking sizes and hashes first.
+
+        Raises:
+            ArtifactError: missing, truncated or tampered files, or unsafe pickled content.
+        """
+        directory = Path(directory)
+        mpath = directory / "manifest.json"
+        if not mpath.is_file():
+            raise ArtifactError(f"{directory}: no manifest.json (not an fxcompress artifact?)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+            raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or set(files) != {"program.pt2", "report.json"}:
+            raise ArtifactError(f"{mpath}: manifest does not list program.pt2 and report.json")
+        for name, entry in files.items():
+            f = directory / name
+            if not f.is_file():
+                raise ArtifactError(f"{f}: missing")
+            size = f.stat().st_size
+            if size != entry.get("bytes"):
+                raise ArtifactError(f"{f}: {size} bytes, manifest says {entry.get('bytes')} (truncated?)")
+            if _sha256(f) != entry.get("sha256"):
+                raise ArtifactError(f"{f}: SHA-256 does not match the manifest (file was modified)")
+        try:
+            with _weights_only_loads():
+                ep = torch.export.load(directory / "program.pt2")
+        except Exception as e:
+            raise ArtifactError(f"{directory / 'program.pt2'}: cannot load program: {e}") from e
+        gm = ep.module()
+        normalize(gm)
+        try:
+            report = Report.from_dict(json.loads((directory / "report.json").read_text()))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ArtifactError(f"{directory / 'report.json'}: corrupt report: {e}") from e
+        config = manifest.get("config") or {}
+        gm.meta["fxcompress_config"] = config
+        gm.meta["fxcompress_model_class"] = manifest.get("model_class", "")
+        return cls(gm, report, config=config, model_class=manifest.get("model_class", ""))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_entry(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Move ``tmp`` to ``target``; an existing target is swapped out only after the move."""
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, backup)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            os.replace(backup, target)
+            raise
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Force every ``torch.load`` inside to ``weights_only=True`` (no arbitrary unpickling)."""
+    original = torch.load
+
+    def safe_load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _check_calibration(calibration: Iterable[torch.Tensor] | None, vocab: int | None) -> list[torch.Tensor] | None:
+    if calibration is None:
+        return None
+    batches = list(calibration)
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.is_floating_point():
+            shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+            raise DataError(f"calibration batch {i} must be integer input_ids [batch, seq], got {shape}")
+        if vocab is not None and b.numel() and (int(b.max()) >= vocab or int(b.min()) < 0):
+            raise DataError(
+                f"calibration batch {i} has token ids outside the vocabulary [0, {vocab}): "
+                f"min {int(b.min())}, max {int(b.max())}"
+            )
+    return batches
+
+
+def _calibration_from_spec(spec: str, model_spec: Any) -> list[torch.Tensor]:
+    from compiler import data
+
+    if not isinstance(model_spec, (str, os.PathLike)) or not Path(model_spec).is_dir():
+        raise DataError(
+            f"calibration spec {spec!r} needs a tokenizer: give the model as a local folder with "
+            "tokenizer.json, or pass calibration=[input_ids, ...]"
+        )
+    return data.calibration_from_spec(spec, Path(model_spec))
+
+
+def compile(
+    model: torch.nn.Module | str | os.PathLike,
+    passes: Sequence[Pass | str] = (),
+    *,
+    calibration: Iterable[torch.Tensor] | str | None = None,
+    example_inputs: torch.Tensor | None = None,
+    probe_inputs: torch.Tensor | None = None,
+    verify: bool = True,
+    canonicalize: bool = True,
+    skip: Iterable[str | int] = (),
+    dump_dir: str | os.PathLike | None = None,
+    instruments: Iterable[Instrument] = (),
+    atol: float = 1e-4,
+    progress: bool = False,
+    seed: int = 0,
+) -> CompiledModel:
+    """Trace ``model``, run ``passes`` through the checked pass manager, return the compiled model.
+
+    Args:
+        model: an ``nn.Module`` (HF ``*ForCausalLM`` or ``input_ids -> logits``), a local HF
+            folder, a config.json, or ``"tiny-<family>"``.
+        passes: pass objects or registry strings (``"smoothquant(alpha=0.5)"``), in order.
+            ``canonicalize`` runs first unless it is listed or ``canonicalize=False``.
+        calibration: iterable of ``input_ids`` tensors ``[batch, seq]``, or a dataset spec
+            (``"tinystories:128x256"``) when ``model`` is a local folder with a tokenizer.
+        example_inputs: ``input_ids`` for tracing (default random ``[2, 16]``).
+        probe_inputs: ``input_ids`` for numerical checks and drift (default random ``[2, 32]``).
+        verify: verify the graph after every pass and check exact passes numerically.
+        canonicalize: prepend the canonicalize pass.
+        skip: pass names or 1-based indices to skip (bisecting an accuracy drop).
+        dump_dir: write numbered graph dumps (``001_canonicalize.py``) here.
+        instruments: extra pass-manager instrumentation callbacks.
+        atol: tolerance of the exact-pass check on fp32 logits.
+        progress: show progress bars on long work (calibration, evaluation).
+        seed: seed for passes that use randomness.
+
+    Returns:
+        A :class:`CompiledModel`.
+
+    Raises:
+        UnsupportedModelError, PipelineError, PreconditionError, VerificationError, DataError.
+    """
+    t0 = time.perf_counter()
+    model_spec = model
+    if not isinstance(model, torch.nn.Module):
+        model = load_model(model)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    pass_list = [make_pass(p) for p in passes]
+    if canonicalize and not any(p.name == "canonicalize" for p in pass_list):
+        pass_list.insert(0, make_pass("canonicalize"))
+    if isinstance(calibration, str):
+        calibration = _calibration_from_spec(calibration, model_spec)
+    batches = _check_calibration(calibration, vocab)
+
+    gm = trace(model, example_inputs)
+    if probe_inputs is None:
+        g = torch.Generator().manual_seed(seed + 99)
+        probe_inputs = torch.randint(0, vocab or 2, (2, 32), generator=g)
+    with torch.no_grad():
+        reference = gm(probe_inputs)
+    ctx = PassContext(calibration=batches, probe_inputs=probe_inputs, seed=seed, progress=progress)
+    inst: list[Instrument] = [LogitsDrift(reference, probe_inputs), *instruments]
+    if dump_dir is not None:
+        inst.append(DumpIR(dump_dir))
+    report = Report(
+        model=type(model).__name__,
+        calibration=_describe_calibration(batches),
+    )
+    trace_seconds = time.perf_counter() - t0
+    PassManager(pass_list, verify=verify, check_exact=verify, atol=atol, skip=skip,
+                instruments=inst).run(gm, ctx, report)
+    report.total_seconds = time.perf_counter() - t0
+    report.extra["trace_seconds"] = round(trace_seconds, 3)
+    report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
+    return CompiledModel(gm, report, config=gm.meta.get("fxcompress_config", {}),
+                         model_class=gm.meta.get("fxcompress_model_class", type(model).__name__))
+
+
+def _describe_calibration(batches: list[torch.Tensor] | None) -> str:
+    if not batches:
+        return "none"
+    tokens = sum(b.numel() for b in batches)
+    return f"{len(batches)} batches, {tokens:,} tokens"
+
+
+def load(directory: str | os.PathLike) -> CompiledModel:
+    """Load a compiled artifact saved with :meth:`CompiledModel.save`."""
+    return CompiledModel.load(directory)
+
+
+__all__ = ["CompiledModel", "compile", "load", "FxCompressError"]

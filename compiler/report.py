@@ -1,0 +1,123 @@
+"""Per-pass records and the compile report (a table that reads well in a terminal, and JSON)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class PassRecord:
+    """What one pass did, as the report shows it."""
+
+    index: int
+    name: str
+    spec: str
+    exact: bool
+    seconds: float = 0.0
+    nodes_before: int = 0
+    nodes_after: int = 0
+    params_before: int = 0
+    params_after: int = 0
+    modified: bool = False
+    skipped: bool = False
+    drift: float | None = None  # max |logits - original logits| on the probe batch
+    exact_check: float | None = None  # max |after - before| for exact passes
+    stats: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    ops_delta: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Report:
+    """The compile report: one record per pass plus global facts."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    model: str = ""
+    calibration: str = "none"
+    total_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "calibration": self.calibration,
+            "total_seconds": self.total_seconds,
+            "extra": self.extra,
+            "records": [asdict(r) for r in self.records],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Report":
+        return cls(
+            records=[PassRecord(**r) for r in d.get("records", [])],
+            model=d.get("model", ""),
+            calibration=d.get("calibration", "none"),
+            total_seconds=d.get("total_seconds", 0.0),
+            extra=d.get("extra", {}),
+        )
+
+    def table(self) -> str:
+        """Render as a fixed-width table: pass, seconds, nodes and params before/after, drift."""
+        head = ["#", "pass", "kind", "sec", "nodes", "params", "drift", "stats"]
+        rows = [head]
+        for r in self.records:
+            if r.skipped:
+                rows.append([str(r.index), r.spec, "skipped", "-", "-", "-", "-", ""])
+                continue
+            stats = ", ".join(f"{k}={_fmt(v)}" for k, v in r.stats.items() if v not in (0, None, "", []))
+            rows.append([
+                str(r.index),
+                r.spec,
+                "exact" if r.exact else "lossy",
+                f"{r.seconds:.2f}",
+                f"{r.nodes_before}->{r.nodes_after}",
+                f"{_human(r.params_before)}->{_human(r.params_after)}",
+                "-" if r.drift is None else f"{r.drift:.2e}",
+                stats,
+            ])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head) - 1)]
+        lines = []
+        for j, row in enumerate(rows):
+            cells = [c.ljust(w) for c, w in zip(row[:-1], widths)] + [row[-1]]
+            lines.append("  ".join(cells).rstrip())
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  -----")
+        lines.append(f"total {self.total_seconds:.2f}s; model {self.model}; calibration {self.calibration}")
+        notes = [(r.spec, n) for r in self.records for n in r.notes]
+        if notes:
+            lines.append("notes:")
+            lines += [f"  [{spec}] {n}" for spec, n in notes[:50]]
+            if len(notes) > 50:
+                lines.append(f"  ... {len(notes) - 50} more notes (see report.json)")
+        return "\n".join(lines)
+
+    def diff_table(self) -> str:
+        """Per-pass change of op counts (which ops each pass added or removed)."""
+        lines = []
+        for r in self.records:
+            if r.skipped or not r.ops_delta:
+                continue
+            delta = ", ".join(f"{k} {v:+d}" for k, v in sorted(r.ops_delta.items()))
+            lines.append(f"{r.index:>2} {r.spec}: {delta}")
+        return "\n".join(lines) if lines else "(no pass changed the op counts)"
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _human(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)

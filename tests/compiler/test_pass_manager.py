@@ -1,0 +1,196 @@
+"""PassManager: order validation, verification, exact-pass numerical check, skip, instrumentation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiler import ir
+from compiler.errors import PipelineError, PreconditionError, VerificationError
+from compiler.pass_base import Analysis, PassContext, PassResult, Pass
+from compiler.pass_manager import DumpIR, PassManager, validate_order
+from passes.canonicalize import Canonicalize
+from tests.conftest import tiny_graph
+
+
+class ScaleFirstLinear(Pass):
+    """Test pass: multiplies the first linear's weight; 'exact' is a lie unless factor == 1."""
+
+    name = "scale_first_linear"
+    exact = True
+    requires = frozenset({"canonical"})
+
+    def __init__(self, *, factor: float = 1.01):
+        self.factor = factor
+
+    def run(self, gm, ctx):
+        lin = ir.nodes_of(gm, torch.ops.aten.linear.default)[0]
+        w = lin.args[1]
+        ir.set_param(gm, w, ir.get_param(gm, w) * self.factor)
+        return PassResult(gm, True, frozenset(), {"scaled": 1})
+
+
+class NeedsCalibration(Pass):
+    name = "needs_calibration"
+    exact = True
+    requires = frozenset({"calibrated"})
+
+    def run(self, gm, ctx):
+        return PassResult.unchanged(gm)
+
+
+class Quantizes(Pass):
+    name = "quantizes"
+    exact = False
+    establishes = frozenset({"quantized"})
+    destroys = frozenset({"canonical"})
+
+    def run(self, gm, ctx):
+        return PassResult.unchanged(gm)
+
+
+class DanglingAttr(Pass):
+    name = "dangling_attr"
+    exact = False
+
+    def run(self, gm, ctx):
+        lin = ir.nodes_of(gm, torch.ops.aten.linear.default)[0]
+        with gm.graph.inserting_before(lin):
+            ghost = gm.graph.get_attr("does_not_exist")
+        lin.replace_input_with(lin.args[1], ghost)
+        return PassResult(gm, True)
+
+
+def _ctx(probe=None, calibration=None):
+    return PassContext(probe_inputs=probe, calibration=calibration)
+
+
+def test_order_violation_is_an_error_naming_the_missing_property(probe_ids):
+    gm = tiny_graph("llama")
+    with pytest.raises(PipelineError, match="requires the graph to be 'canonical'.*canonicalize"):
+        PassManager([ScaleFirstLinear(factor=1.0)]).run(gm, _ctx(probe_ids))
+
+
+def test_order_violation_after_a_destroying_pass_names_the_history(probe_ids):
+    passes = [Canonicalize(), Quantizes(), ScaleFirstLinear(factor=1.0)]
+    with pytest.raises(PipelineError, match=r"canonicalize -> quantizes"):
+        validate_order(passes, _ctx(probe_ids))
+
+
+def test_order_is_never_silently_fixed(probe_ids):
+    gm = tiny_graph("llama")
+    code = gm.code
+    with pytest.raises(PipelineError):
+        PassManager([ScaleFirstLinear(factor=1.0), Canonicalize()]).run(gm, _ctx(probe_ids))
+    assert gm.code == code  # validation happens before anything runs
+
+
+def test_wrong_exact_pass_is_caught_by_the_numerical_check(probe_ids):
+    gm = tiny_graph("llama")
+    with pytest.raises(VerificationError, match=r"scale_first_linear.*declared exact.*canonicalize"):
+        PassManager([Canonicalize(), ScaleFirstLinear(factor=1.5)]).run(gm, _ctx(probe_ids))
+
+
+def test_exact_pass_within_tolerance_passes_and_records_its_check(probe_ids):
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), ScaleFirstLinear(factor=1.0)]).run(gm, _ctx(probe_ids))
+    assert report.records[1].exact_check == 0.0
+
+
+def test_calibration_requirement_without_data_is_a_precondition_error(probe_ids):
+    gm = tiny_graph("llama")
+    with pytest.raises(PreconditionError, match="needs_calibration.*calibration"):
+        PassManager([NeedsCalibration()]).run(gm, _ctx(probe_ids))
+    PassManager([NeedsCalibration()]).run(gm, _ctx(probe_ids, calibration=[probe_ids]))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_verification_catches_a_get_attr_without_parameter(probe_ids):
+    gm = tiny_graph("llama")
+    with pytest.raises(VerificationError, match=r"dangling_attr.*canonicalize.*does_not_exist"):
+        PassManager([Canonicalize(), DanglingAttr()]).run(gm, _ctx(probe_ids))
+
+
+def test_second_run_of_a_pass_is_unmodified_and_keeps_the_graph(probe_ids):
+    gm = tiny_graph("opt")
+    report = PassManager([Canonicalize(), Canonicalize()]).run(gm, _ctx(probe_ids))
+    assert report.records[0].modified and not report.records[1].modified
+    assert report.records[1].nodes_before == report.records[1].nodes_after
+
+
+def test_skip_by_name_leaves_the_pass_out_and_marks_it(probe_ids):
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), ScaleFirstLinear(factor=1.5)],
+                         skip={"scale_first_linear"}).run(gm, _ctx(probe_ids))
+    assert report.records[1].skipped
+    assert "skipped" in report.table()
+
+
+def test_skip_by_index_skips_only_that_pass(probe_ids):
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), ScaleFirstLinear(factor=1.0)], skip={2}).run(
+        gm, _ctx(probe_ids))
+    assert not report.records[0].skipped and report.records[1].skipped
+
+
+def test_crash_inside_a_pass_names_the_pass_and_history(probe_ids):
+    class Crash(Pass):
+        name = "crash"
+        exact = False
+
+        def run(self, gm, ctx):
+            raise RuntimeError("boom")
+
+    gm = tiny_graph("llama")
+    with pytest.raises(PipelineError, match=r"pass 2 crash\(\) crashed: RuntimeError: boom; passes before it: canonicalize"):
+        PassManager([Canonicalize(), Crash()]).run(gm, _ctx(probe_ids))
+
+
+def test_dump_ir_writes_numbered_graph_files(tmp_path, probe_ids):
+    gm = tiny_graph("llama")
+    PassManager([Canonicalize()], instruments=[DumpIR(tmp_path)]).run(gm, _ctx(probe_ids))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["000_input.py", "001_canonicalize.py"]
+    assert "rms_norm" in (tmp_path / "001_canonicalize.py").read_text()
+
+
+def test_report_records_op_count_diff_and_params(probe_ids):
+    gm = tiny_graph("gpt2")
+    report = PassManager([Canonicalize()]).run(gm, _ctx(probe_ids))
+    rec = report.records[0]
+    assert rec.ops_delta["addmm"] == -8 and rec.ops_delta["linear"] == 8
+    assert rec.params_before == rec.params_after > 0
+    assert "addmm -8" in report.diff_table()
+
+
+class CountingAnalysis(Analysis):
+    name = "counting"
+    calls = 0
+
+    @classmethod
+    def compute(cls, gm, ctx, **key):
+        cls.calls += 1
+        return len(gm.graph.nodes)
+
+
+def test_analyses_are_cached_and_invalidated_by_what_a_pass_does_not_preserve(probe_ids):
+    class Uses(Pass):
+        name = "uses"
+        exact = True
+
+        def __init__(self, *, preserve: bool):
+            self.preserve = preserve
+
+        def run(self, gm, ctx):
+            ctx.analysis(CountingAnalysis, gm)
+            ir.set_param(gm, ir.nodes_of(gm, torch.ops.aten.linear.default)[0].args[1],
+                         ir.get_param(gm, ir.nodes_of(gm, torch.ops.aten.linear.default)[0].args[1]))
+            return PassResult(gm, True, frozenset({"counting"}) if self.preserve else frozenset())
+
+    CountingAnalysis.calls = 0
+    gm = tiny_graph("llama")
+    PassManager([Uses(preserve=True), Uses(preserve=True)]).run(gm, _ctx(probe_ids))
+    assert CountingAnalysis.calls == 1
+    CountingAnalysis.calls = 0
+    PassManager([Uses(preserve=False), Uses(preserve=False)]).run(gm, _ctx(probe_ids))
+    assert CountingAnalysis.calls == 2
