@@ -149,6 +149,12 @@ def _check_config(config) -> None:
             f"{config.model_type} ({name}) is an encoder-decoder (seq2seq) model; fxcompress "
             "compiles decoder-only causal LMs"
         )
+    if getattr(config, "is_decoder", None) is False:
+        # encoder families (BERT, RoBERTa...) carry is_decoder=False; pure decoders lack the flag
+        raise UnsupportedModelError(
+            f"{config.model_type} ({name}) is an encoder-only model (is_decoder=False), not a "
+            "causal LM; fxcompress compiles decoder-only causal LMs"
+        )
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UnsupportedModelError(
             f"{config.model_type} ({name}) has no causal-LM head in transformers (encoder-only?); "
@@ -165,6 +171,11 @@ def check_causal_lm(model: torch.nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} is an encoder-decoder (seq2seq) model; fxcompress compiles "
             "decoder-only causal LMs"
+        )
+    if getattr(config, "is_decoder", None) is False:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is an encoder-only model (is_decoder=False), not a causal LM; "
+            "fxcompress compiles decoder-only causal LMs"
         )
     if not type(model).__name__.endswith("ForCausalLM") and not hasattr(model, "lm_head"):
         raise UnsupportedModelError(
