@@ -1,0 +1,538 @@
+"""ActivationStats: per-channel activation statistics at named sites, from one calibration run.
+
+Paper: none (the data analysis behind SmoothQuant arXiv:2211.10438, SliceGPT arXiv:2401.15024,
+RPTQ arXiv:2304.01089 and GPTQ arXiv:2210.17323, which all need per-channel abs-max, ranges or
+``X^T X`` of the activations a linear reads).
+
+What is collected, per observed tensor, over every token of every calibration batch (the channel
+dim is always the tensor's *last* dim; every leading dim is flattened into "tokens"):
+
+- ``absmax``, ``min``, ``max``: ``[C]`` float64;
+- ``count``: number of rows (tokens) seen;
+- ``xtx``: ``[C, C]`` float64, ``sum_t x_t x_t^T`` -- only for tensors named in ``covariance``.
+
+Everything is accumulated in float64 (the activations are upcast before reducing), so the result
+does not depend on the batch split beyond float64 rounding.
+
+Sites (stable names, see :func:`compiler.ir.site`; a site maps to exactly one fx tensor):
+
+- ``aten.linear``: ``"<module path>:in"`` is its input activation (last dim = in_features) and
+  ``"<module path>:out"`` its output;
+- ``aten.addmm`` (GPT-2 ``Conv1D`` before canonicalization): ``:in`` is ``mat1`` (the input
+  flattened to ``[tokens, in_features]``) and ``:out`` the result, so statistics are the same
+  before and after canonicalization;
+- embeddings, ``rms_norm``/``layer_norm``, ``scaled_dot_product_attention``: ``":out"``
+  (for SDPA the last dim is ``head_dim`` and tokens are ``batch * heads * seq``).
+
+If two different tensors would get the same name (a module that calls its op twice), the later
+ones are named ``<site>@1``, ``<site>@2``... in graph order.
+
+Several sites may read one tensor (q/k/v projections read the same norm output): statistics are
+computed once per fx tensor and every site reading it maps to it; :meth:`StatsTable.tensor_of`
+and :meth:`StatsTable.sharing` expose that mapping.
+
+How: the graph is copied (nodes only; parameters are shared, not copied), an observer submodule
+is called after every observed tensor in the copy, and the copy runs every batch under
+``torch.no_grad()``. The caller's GraphModule is never touched.
+
+Disk cache (optional, ``cache_dir``): a safetensors file keyed by a hash of the graph code,
+the parameters (names, shapes, dtypes and a strided sample of their values -- a cheap hash, not
+a full one), the calibration tensors and the requested sites, so recompiling with the same
+calibration reuses statistics without running the model.
+
+Preconditions: a GraphModule from :func:`compiler.frontend.trace` (canonicalized or not) and
+calibration batches of ``input_ids`` ``[batch, seq]``. Through the pass manager the analysis
+is :class:`ActivationStats` (``ctx.analysis(ActivationStats, gm, sites=..., covariance=...)``);
+it reads ``ctx.calibration``, ``ctx.progress`` and ``ctx.extra["stats_cache_dir"]``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from compiler import ir
+from compiler.errors import DataError, FxCompressError
+from compiler.pass_base import Analysis, PassContext
+
+log = logging.getLogger(__name__)
+
+aten = torch.ops.aten
+ADDMM = aten.addmm.default
+
+#: ops whose output is an observable ``:out`` site (besides linear/addmm, which also have ``:in``)
+_OUT_OPS = (ir.EMBEDDING, ir.RMS_NORM, ir.LAYER_NORM, ir.SDPA)
+
+#: bump when the cache file layout or the statistics' meaning changes
+_CACHE_VERSION = 1
+#: elements sampled per parameter for the cheap cache hash
+_PARAM_SAMPLE = 4096
+
+
+class UnknownSiteError(FxCompressError, KeyError):
+    """A site name that the graph does not have (names the site and the nearest existing ones)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of one tensor (channel = last dim), accumulated in float64.
+
+    Attributes:
+        absmax: ``[C]`` max over tokens of ``|x|``.
+        min: ``[C]`` min over tokens.
+        max: ``[C]`` max over tokens.
+        count: number of tokens (rows after flattening every leading dim) seen.
+        xtx: ``[C, C]`` ``sum_t x_t x_t^T`` when covariance was requested, else None.
+    """
+
+    absmax: torch.Tensor
+    min: torch.Tensor
+    max: torch.Tensor
+    count: int
+    xtx: torch.Tensor | None = None
+
+    @property
+    def channels(self) -> int:
+        """Number of channels C."""
+        return int(self.absmax.numel())
+
+    def covariance(self) -> torch.Tensor:
+        """Uncentered second moment ``X^T X / count`` ``[C, C]`` (float64).
+
+        Raises:
+            ValueError: covariance was not collected for this tensor.
+        """
+        if self.xtx is None:
+            raise ValueError(
+                "X^T X was not collected for this tensor; request it with covariance={site}"
+            )
+        return self.xtx / max(self.count, 1)
+
+
+class StatsTable(Mapping):
+    """Mapping ``site -> ChannelStats``; sites reading one tensor share one ChannelStats object.
+
+    Attributes:
+        site_to_tensor: site -> name of the fx tensor (node) it reads, in the collected graph.
+        from_cache: True if the statistics were loaded from the disk cache.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, ChannelStats],
+        site_to_tensor: dict[str, str],
+        *,
+        from_cache: bool = False,
+    ) -> None:
+        self._tensors = dict(tensors)
+        self.site_to_tensor = dict(site_to_tensor)
+        self.from_cache = from_cache
+
+    def __getitem__(self, site: str) -> ChannelStats:
+        if site not in self.site_to_tensor:
+            raise UnknownSiteError(_unknown_site_message(site, self.site_to_tensor, "statistics"))
+        return self._tensors[self.site_to_tensor[site]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.site_to_tensor)
+
+    def __len__(self) -> int:
+        return len(self.site_to_tensor)
+
+    def __contains__(self, site: object) -> bool:
+        return site in self.site_to_tensor
+
+    def __repr__(self) -> str:
+        return f"StatsTable({len(self)} sites over {len(self._tensors)} tensors)"
+
+    def sites(self) -> list[str]:
+        """Every site with statistics, in graph order."""
+        return list(self.site_to_tensor)
+
+    def tensor_of(self, site: str) -> str:
+        """Name of the fx node whose output ``site`` reads (sites sharing a tensor share it)."""
+        self[site]  # raises UnknownSiteError with near matches
+        return self.site_to_tensor[site]
+
+    def sharing(self, site: str) -> list[str]:
+        """Every site that reads the same tensor as ``site`` (itself included), in graph order."""
+        t = self.tensor_of(site)
+        return [s for s, u in self.site_to_tensor.items() if u == t]
+
+    def groups(self) -> dict[str, list[str]]:
+        """Tensor name -> the sites reading it."""
+        out: dict[str, list[str]] = {}
+        for s, t in self.site_to_tensor.items():
+            out.setdefault(t, []).append(s)
+        return out
+
+    def covariance(self, site: str) -> torch.Tensor:
+        """``X^T X / count`` at ``site``.
+
+        Raises:
+            UnknownSiteError: no statistics for ``site``.
+            ValueError: covariance was not requested for ``site`` (or a site sharing its tensor).
+        """
+        st = self[site]
+        if st.xtx is None:
+            raise ValueError(
+                f"no X^T X collected at site {site!r}; request it with covariance={{{site!r}}}"
+            )
+        return st.covariance()
+
+
+# ----------------------------------------------------------------------------- sites
+
+
+def site_map(gm: fx.GraphModule) -> dict[str, fx.Node]:
+    """Every observable site of ``gm`` and the fx node whose output it reads, in graph order.
+
+    Args:
+        gm: a traced GraphModule.
+
+    Returns:
+        ``{site: node}``; several sites may map to the same node (q/k/v ``:in``).
+    """
+    out: dict[str, fx.Node] = {}
+
+    def add(name: str, node: object) -> None:
+        if not isinstance(node, fx.Node):
+            return
+        k, unique = 0, name
+        while unique in out and out[unique] is not node:
+            k += 1
+            unique = f"{name}@{k}"
+        out[unique] = node
+
+    for n in gm.graph.nodes:
+        if ir.is_op(n, ir.LINEAR):
+            add(ir.site(n, "in"), n.args[0])
+            add(ir.site(n, "out"), n)
+        elif ir.is_op(n, ADDMM):
+            # addmm(bias, mat1 [tokens, in], mat2 [in, out]): mat1 is the activation
+            add(ir.site(n, "in"), n.args[1])
+            add(ir.site(n, "out"), n)
+        elif ir.is_op(n, *_OUT_OPS):
+            add(ir.site(n, "out"), n)
+    return out
+
+
+def linear_input_sites(gm: fx.GraphModule) -> list[str]:
+    """The ``:in`` site of every linear (and un-canonicalized ``addmm``) in graph order."""
+    return [s for s, _ in site_map(gm).items() if s.split("@")[0].endswith(":in")]
+
+
+def _unknown_site_message(site: str, known: Iterable[str], what: str) -> str:
+    known = list(known)
+    near = difflib.get_close_matches(site, known, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(map(repr, near))}?" if near else ""
+    return f"no {what} for site {site!r} ({len(known)} sites known){hint}"
+
+
+# ----------------------------------------------------------------------------- collection
+
+
+class _Accumulator:
+    """Running float64 reductions over the rows of one tensor."""
+
+    def __init__(self, name: str, covariance: bool) -> None:
+        self.name = name
+        self.want_xtx = covariance
+        self.absmax: torch.Tensor | None = None
+        self.min: torch.Tensor | None = None
+        self.max: torch.Tensor | None = None
+        self.xtx: torch.Tensor | None = None
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:
+        # X: [..., C] -> [tokens, C], upcast so sums over many tokens keep full precision
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if x.shape[0] == 0:
+            return
+        lo, hi = torch.aminmax(x, dim=0)
+        if self.absmax is None:
+            self.min, self.max = lo, hi
+            self.absmax = torch.maximum(hi.abs(), lo.abs())
+            self.xtx = x.T @ x if self.want_xtx else None
+        else:
+            if x.shape[1] != self.absmax.numel():
+                raise DataError(
+                    f"tensor {self.name}: channel count changed between batches "
+                    f"({self.absmax.numel()} -> {x.shape[1]})"
+                )
+            torch.minimum(self.min, lo, out=self.min)
+            torch.maximum(self.max, hi, out=self.max)
+            torch.maximum(self.absmax, torch.maximum(hi.abs(), lo.abs()), out=self.absmax)
+            if self.xtx is not None:
+                self.xtx.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def result(self) -> ChannelStats:
+        if self.absmax is None:
+            raise DataError(f"tensor {self.name} saw no tokens (empty calibration batches?)")
+        return ChannelStats(self.absmax, self.min, self.max, self.count, self.xtx)
+
+
+class _Observer(torch.nn.Module):
+    """Identity-free probe: feeds its input to an accumulator (its output is unused)."""
+
+    def __init__(self, acc: _Accumulator) -> None:
+        super().__init__()
+        self.acc = acc
+
+    def forward(self, x: torch.Tensor) -> None:
+        self.acc.update(x)
+
+
+def _instrumented_copy(
+    gm: fx.GraphModule, nodes: dict[fx.Node, _Accumulator]
+) -> fx.GraphModule:
+    """A GraphModule over a copy of ``gm``'s graph, sharing its parameters, with observers."""
+    g = fx.Graph(tracer_cls=gm.graph._tracer_cls)
+    val_map: dict[fx.Node, fx.Node] = {}
+    out_val, _ = g.graph_copy(gm.graph, val_map, return_output_node=True)
+    g._codegen = gm.graph._codegen  # read-only here; GraphModule() takes its pytree specs
+    g.output(out_val)
+    root = torch.nn.Module()
+    # share (not copy) every submodule/parameter the graph reads
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for name, p in gm.named_parameters(recurse=False):
+        root.register_parameter(name, p)
+    for name, b in gm.named_buffers(recurse=False):
+        root.register_buffer(name, b)
+    for n in gm.graph.nodes:  # plain tensor constants (get_attr to a non-parameter attribute)
+        if n.op == "get_attr" and "." not in str(n.target) and not hasattr(root, str(n.target)):
+            setattr(root, str(n.target), getattr(gm, str(n.target)))
+    for i, (node, acc) in enumerate(nodes.items()):
+        name = f"_fxcompress_observer_{i}"
+        root.add_module(name, _Observer(acc))
+        with g.inserting_after(val_map[node]):
+            g.call_module(name, (val_map[node],))
+    return fx.GraphModule(root, g, class_name="InstrumentedGraphModule")
+
+
+def _check_batches(batches) -> list[torch.Tensor]:
+    if isinstance(batches, torch.Tensor):
+        batches = [batches]
+    batches = list(batches) if batches is not None else []
+    if not batches:
+        raise DataError("collect_stats needs at least one calibration batch of input_ids")
+    for i, b in enumerate(batches):
+        if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.is_floating_point():
+            desc = f"{b.dtype} {tuple(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+            raise DataError(
+                f"calibration batch {i} must be an integer input_ids tensor [batch, seq]; got {desc}"
+            )
+    return batches
+
+
+def _run_batches(module: torch.nn.Module, batches: list[torch.Tensor], progress: bool) -> None:
+    """Run ``module`` on every batch (statistics are gathered by its observers)."""
+    it: Iterable[torch.Tensor] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(batches, desc="activation stats", unit="batch")
+    with torch.no_grad():
+        for b in it:
+            module(b)
+
+
+def collect_stats(
+    gm: fx.GraphModule,
+    batches: Iterable[torch.Tensor] | torch.Tensor,
+    *,
+    sites: Iterable[str] | None = None,
+    covariance: Iterable[str] = (),
+    progress: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+) -> StatsTable:
+    """Per-channel statistics at ``sites`` from one run of ``gm`` over ``batches``.
+
+    Args:
+        gm: a traced GraphModule; it is not modified.
+        batches: calibration ``input_ids`` tensors ``[batch, seq]`` (or one such tensor).
+        sites: sites to observe; None means every linear input (``:in``) site.
+        covariance: sites that also need ``X^T X`` (observed even when not in ``sites``).
+        progress: show a tqdm bar over batches.
+        cache_dir: folder for the statistics cache (None: no cache).
+
+    Returns:
+        A :class:`StatsTable` with one entry per requested site (plus covariance sites).
+
+    Raises:
+        UnknownSiteError: a requested site does not exist in ``gm``.
+        DataError: no batches, a batch that is not integer ``[batch, seq]``, or a tensor that
+            saw no tokens.
+    """
+    smap = site_map(gm)
+    requested = linear_input_sites(gm) if sites is None else _as_list(sites, "sites")
+    cov_sites = _as_list(covariance, "covariance")
+    for s in requested + cov_sites:
+        if s not in smap:
+            raise UnknownSiteError(_unknown_site_message(s, smap, "observable tensor"))
+    order = {s: i for i, s in enumerate(smap)}
+    wanted = sorted(set(requested) | set(cov_sites), key=order.__getitem__)
+    batches = _check_batches(batches)
+
+    cov_nodes = {smap[s] for s in cov_sites}
+    accs: dict[fx.Node, _Accumulator] = {}
+    for s in wanted:
+        node = smap[s]
+        if node not in accs:
+            accs[node] = _Accumulator(node.name, covariance=node in cov_nodes)
+    site_to_tensor = {s: smap[s].name for s in wanted}
+
+    cache_file = None
+    if cache_dir is not None:
+        key = _cache_key(gm, batches, wanted, sorted(set(cov_sites), key=order.__getitem__))
+        cache_file = Path(cache_dir) / f"stats-{key}.safetensors"
+        table = _load_cache(cache_file, site_to_tensor)
+        if table is not None:
+            log.info("activation stats: %d sites loaded from %s", len(table), cache_file)
+            return table
+
+    inst = _instrumented_copy(gm, accs)
+    _run_batches(inst, batches, progress)
+    tensors = {node.name: acc.result() for node, acc in accs.items()}
+    table = StatsTable(tensors, site_to_tensor)
+    log.info(
+        "activation stats: %d sites over %d tensors (%d with X^T X), %d batches",
+        len(wanted), len(accs), len(cov_nodes), len(batches),
+    )
+    if cache_file is not None:
+        _save_cache(cache_file, table)
+    return table
+
+
+def _as_list(sites: Iterable[str], what: str) -> list[str]:
+    if isinstance(sites, str):
+        raise TypeError(f"{what} must be a collection of site names, not the string {sites!r}")
+    return list(dict.fromkeys(sites))
+
+
+# ----------------------------------------------------------------------------- disk cache
+
+
+def _cache_key(
+    gm: fx.GraphModule, batches: list[torch.Tensor], sites: list[str], cov: list[str]
+) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{_CACHE_VERSION}\n".encode())
+    h.update(gm.code.encode())
+    for n in ir.iter_get_attrs(gm):
+        t = ir.get_param(gm, n)
+        h.update(f"{n.target}".encode())
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.detach().reshape(-1)
+        step = max(1, flat.numel() // _PARAM_SAMPLE)
+        sample = flat[::step].contiguous().cpu()
+        h.update(sample.view(torch.uint8).numpy().tobytes() if sample.dtype != torch.bool
+                 else sample.numpy().tobytes())
+    for b in batches:
+        b = b.detach().contiguous().cpu()
+        h.update(f"{tuple(b.shape)} {b.dtype}".encode())
+        h.update(b.numpy().tobytes())
+    h.update(json.dumps([sites, cov]).encode())
+    return h.hexdigest()[:32]
+
+
+def _save_cache(path: Path, table: StatsTable) -> None:
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    for name, st in table._tensors.items():
+        tensors[f"{name}.absmax"] = st.absmax.contiguous()
+        tensors[f"{name}.min"] = st.min.contiguous()
+        tensors[f"{name}.max"] = st.max.contiguous()
+        if st.xtx is not None:
+            tensors[f"{name}.xtx"] = st.xtx.contiguous()
+        counts[name] = st.count
+    meta = {"version": str(_CACHE_VERSION), "counts": json.dumps(counts),
+            "site_to_tensor": json.dumps(table.site_to_tensor)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:  # a cache that cannot be written must not fail the compile
+        log.warning("activation stats: could not write cache %s: %s", path, e)
+
+
+def _load_cache(path: Path, site_to_tensor: dict[str, str]) -> StatsTable | None:
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("version") != str(_CACHE_VERSION):
+                return None
+            if json.loads(meta["site_to_tensor"]) != site_to_tensor:
+                return None
+            counts = json.loads(meta["counts"])
+            keys = set(f.keys())
+            tensors = {}
+            for name, count in counts.items():
+                xtx = f.get_tensor(f"{name}.xtx") if f"{name}.xtx" in keys else None
+                tensors[name] = ChannelStats(
+                    f.get_tensor(f"{name}.absmax"), f.get_tensor(f"{name}.min"),
+                    f.get_tensor(f"{name}.max"), int(count), xtx,
+                )
+    except Exception as e:  # a corrupt cache file is recomputed, not fatal
+        log.warning("activation stats: ignoring unreadable cache %s: %s", path, e)
+        return None
+    return StatsTable(tensors, site_to_tensor, from_cache=True)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+class ActivationStats(Analysis):
+    """The data analysis: :func:`collect_stats` over ``ctx.calibration``, cached by the manager.
+
+    Keys: ``sites`` (frozenset or None = every linear input) and ``covariance`` (frozenset).
+    """
+
+    name = "activation_stats"
+
+    @classmethod
+    def compute(
+        cls,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        *,
+        sites: frozenset[str] | None = None,
+        covariance: frozenset[str] = frozenset(),
+    ) -> StatsTable:
+        batches = ctx.require_calibration("activation statistics (ActivationStats)")
+        return collect_stats(
+            gm,
+            batches,
+            sites=None if sites is None else sorted(sites),
+            covariance=sorted(covariance),
+            progress=ctx.progress,
+            cache_dir=ctx.extra.get("stats_cache_dir"),
+        )
