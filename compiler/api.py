@@ -35,17 +35,20 @@ log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "fxcompress-artifact"
 ARTIFACT_VERSION = 1
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 class CompiledModel:
     """A compiled causal LM: ``input_ids -> logits``, with its graph and report."""
 
     def __init__(self, graph_module: fx.GraphModule, report: Report, *, config: dict | None = None,
-                 model_class: str = ""):
+                 model_class: str = "", tokenizer_dir: str | os.PathLike | None = None):
         self.graph_module = graph_module
         self.report = report
         self.config = config or {}
         self.model_class = model_class
+        #: folder with tokenizer.json (the source HF folder, or the loaded artifact), if known
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -84,12 +87,18 @@ class CompiledModel:
             ep = export_program(self.graph_module, self.example_inputs())
             torch.export.save(ep, tmp / "program.pt2")
             (tmp / "report.json").write_text(self.report.to_json())
+            names = ["program.pt2", "report.json"]
+            if self.tokenizer_dir is not None:
+                for f in _TOKENIZER_FILES:
+                    if (self.tokenizer_dir / f).is_file():
+                        shutil.copyfile(self.tokenizer_dir / f, tmp / f)
+                        names.append(f)
             manifest = {
                 "format": ARTIFACT_FORMAT,
                 "version": ARTIFACT_VERSION,
                 "model_class": self.model_class,
                 "config": self.config,
-                "files": {f: _file_entry(tmp / f) for f in ("program.pt2", "report.json")},
+                "files": {f: _file_entry(tmp / f) for f in names},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
             _replace_dir(tmp, directory)
@@ -119,8 +128,10 @@ class CompiledModel:
         if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
             raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
         files = manifest.get("files")
-        if not isinstance(files, dict) or set(files) != {"program.pt2", "report.json"}:
+        if not isinstance(files, dict) or not {"program.pt2", "report.json"} <= set(files):
             raise ArtifactError(f"{mpath}: manifest does not list program.pt2 and report.json")
+        if not set(files) <= {"program.pt2", "report.json", *_TOKENIZER_FILES}:
+            raise ArtifactError(f"{mpath}: manifest lists unexpected files {sorted(files)}")
         for name, entry in files.items():
             f = directory / name
             if not f.is_file():
@@ -144,7 +155,9 @@ class CompiledModel:
         config = manifest.get("config") or {}
         gm.meta["fxcompress_config"] = config
         gm.meta["fxcompress_model_class"] = manifest.get("model_class", "")
-        return cls(gm, report, config=config, model_class=manifest.get("model_class", ""))
+        tok = directory if "tokenizer.json" in files else None
+        return cls(gm, report, config=config, model_class=manifest.get("model_class", ""),
+                   tokenizer_dir=tok)
 
 
 def _sha256(path: Path) -> str:
@@ -291,8 +304,12 @@ def compile(
     report.total_seconds = time.perf_counter() - t0
     report.extra["trace_seconds"] = round(trace_seconds, 3)
     report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
+    tok = None
+    if isinstance(model_spec, (str, os.PathLike)) and (Path(model_spec) / "tokenizer.json").is_file():
+        tok = Path(model_spec)
     return CompiledModel(gm, report, config=gm.meta.get("fxcompress_config", {}),
-                         model_class=gm.meta.get("fxcompress_model_class", type(model).__name__))
+                         model_class=gm.meta.get("fxcompress_model_class", type(model).__name__),
+                         tokenizer_dir=tok)
 
 
 def _describe_calibration(batches: list[torch.Tensor] | None) -> str:

@@ -47,7 +47,7 @@ def _parse_value(text: str) -> Any:
         raise PipelineError(f"cannot parse option value {text!r}") from None
 
 
-def _split_options(body: str) -> list[str]:
+def split_top_level(body: str) -> list[str]:
     """Split ``a=1, b=[1, 2], c='x,y'`` at top-level commas."""
     parts, depth, quote, cur = [], 0, None, []
     for ch in body:
@@ -79,7 +79,7 @@ def parse_pass_spec(spec: str) -> tuple[str, dict[str, Any]]:
         raise PipelineError(f"invalid pass spec {spec!r}; expected name or name(key=value, ...)")
     name, body = m.group(1), m.group(2)
     opts: dict[str, Any] = {}
-    for part in _split_options(body or ""):
+    for part in split_top_level(body or ""):
         if "=" not in part:
             raise PipelineError(f"invalid option {part.strip()!r} in {spec!r}; expected key=value")
         key, value = part.split("=", 1)
