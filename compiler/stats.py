@@ -293,7 +293,7 @@ class _Accumulator:
 
 
 class _Observer(torch.nn.Module):
-    """Identity-free probe: feeds its input to an accumulator (its output is unused)."""
+    """Probe called on an observed tensor: feeds it to an accumulator (returns nothing)."""
 
     def __init__(self, acc: _Accumulator) -> None:
         super().__init__()

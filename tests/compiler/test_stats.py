@@ -280,3 +280,19 @@ def test_stories260k_linear_inputs_have_hidden_and_ffn_channels():
     assert table["model.layers.0.self_attn.q_proj:in"].channels == 64
     assert table["model.layers.4.mlp.down_proj:in"].xtx.shape == (172, 172)
     assert all(torch.isfinite(table[s].absmax).all() for s in table)
+
+
+def test_analysis_uses_the_cache_dir_from_the_context(calib_batches, tmp_path):
+    gm = tiny_graph("opt")
+    ctx = PassContext(calibration=calib_batches, extra={"stats_cache_dir": tmp_path})
+    ctx.analysis(ActivationStats, gm, sites=None)
+    assert len(list(tmp_path.glob("stats-*.safetensors"))) == 1
+    again = PassContext(calibration=calib_batches, extra={"stats_cache_dir": tmp_path})
+    assert again.analysis(ActivationStats, gm, sites=None).from_cache
+
+
+def test_progress_bar_does_not_change_the_statistics(calib_batches):
+    gm = tiny_graph("opt")
+    quiet = collect_stats(gm, calib_batches)
+    shown = collect_stats(gm, calib_batches, progress=True)
+    assert all(torch.equal(quiet[s].absmax, shown[s].absmax) for s in quiet)
