@@ -26,11 +26,12 @@ import contextlib
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ AXIS_NAMES = ("batch", "seq")
 #: Example shape used to re-export when none is given; both >= 2 so export cannot specialise
 #: a dim to 0/1.
 DEFAULT_EXAMPLE_SHAPE = (2, 16)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CLASS = re.compile(r"<class '(?:[\w.]*\.)?(\w+)'>")
 
 # Loggers of the exporter that warn about optional extras (torchvision ops, ...) on every call.
 _NOISY_LOGGERS = ("torch.onnx", "torch._export", "torch.export", "onnxscript")
@@ -78,7 +82,9 @@ def export_onnx(
         example_inputs: inputs used to re-export with ``torch.export`` (batch and seq >= 2 so
             the dynamic dims are not specialised). Default: zeros shaped ``[2, 16]`` with the
             dtype of the graph's input placeholder (int64 token ids for a traced LM).
-        opset: ONNX opset version; default: the exporter's.
+        opset: ONNX opset version; default: the exporter's (20 with torch 2.13). With
+            ``opset >= 23`` and ``optimize`` the exporter fuses ``RotaryEmbedding``/``Attention``/
+            ``RMSNormalization`` ops, and ORT 1.32 then rejects batch > 1 in RotaryEmbedding.
         external_data: True to store weights in ``<name>.data``, False for a single file,
             None (default) to decide by size (external above the exporter's threshold, well
             below the 2 GB protobuf limit).
@@ -94,6 +100,9 @@ def export_onnx(
             saving failed; the message names the path and the cause.
     """
     path = Path(os.fspath(path)).absolute()
+    if opset is not None and opset >= 23 and optimize:
+        log.warning("opset %d with optimize=True fuses RotaryEmbedding, which ONNX Runtime 1.32 "
+                    "rejects for batch > 1; pass optimize=False or a lower opset", opset)
     parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -277,7 +286,14 @@ def _quiet() -> Iterator[None]:
 
 
 def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
+    """The informative part of an exception: the exporter's "Exception summary", else line 1."""
+    s = _ANSI.sub("", str(e)).strip()
+    if "## Exception summary" in s:
+        # torch.onnx puts generic advice first and the failing node and root cause in a summary
+        summary = s.split("## Exception summary", 1)[1].split("(Refer to the full", 1)[0]
+        lines = [ln.strip() for ln in summary.splitlines() if ln.strip() and ln.strip() != "⬆️"]
+        lines = [_CLASS.sub(r"\1", ln) for ln in reversed(lines)]
+        return " <- ".join(lines)[:2000]
     return s.splitlines()[0] if s else type(e).__name__
 
 
@@ -354,6 +370,10 @@ class ORTModel:
         threads: ``intra_op_num_threads`` (None: ORT's default, all cores).
         providers: execution providers, in order of preference.
         optimized_model_path: if given, ORT also writes its optimised graph there.
+        session_config: ``SessionOptions.add_session_config_entry`` pairs, e.g.
+            ``{"session.qdq_matmulnbits_accuracy_level": "0"}`` (ORT's fusion of int4
+            DequantizeLinear + MatMul into ``MatMulNBits`` defaults to accuracy level 4, int8
+            activations, which is not exact).
 
     Attributes:
         session: the underlying ``onnxruntime.InferenceSession``.
@@ -367,6 +387,7 @@ class ORTModel:
         threads: int | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         optimized_model_path: str | os.PathLike | None = None,
+        session_config: Mapping[str, str] | None = None,
     ):
         from compiler.errors import ArtifactError
 
@@ -375,6 +396,7 @@ class ORTModel:
             raise ArtifactError(f"ONNX model {self.path} does not exist")
         self.threads = threads
         self.providers = tuple(providers)
+        self.session_config = dict(session_config or {})
         self.session = self._new_session(optimized_model_path)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -388,6 +410,8 @@ class ORTModel:
             so.intra_op_num_threads = int(self.threads)
         # ORT warns on every save of an optimised model that it is hardware specific; we know.
         so.log_severity_level = 3
+        for key, value in self.session_config.items():
+            so.add_session_config_entry(key, str(value))
         if optimized_model_path is not None:
             so.optimized_model_filepath = str(optimized_model_path)
         try:

@@ -281,6 +281,34 @@ def test_optimized_op_types_reports_ort_fusions_of_float_model(export_dir):
     assert optimized is not ort_model.optimized_op_types()  # callers get their own copy
 
 
+def test_session_config_reaches_ort_int4_matmul_fusion(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n, block = 64, 32, 32
+    rng = np.random.default_rng(0)
+    w_int = rng.integers(-8, 8, (k, n)).astype(np.int8)
+    scale = (rng.random((k // block, n)) * 0.01 + 0.001).astype(np.float32)
+    # Blocked int4 DQ + MatMul (opset 21) is the pattern ORT fuses into MatMulNBits.
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["w", "s"], ["wd"], axis=0, block_size=block),
+         helper.make_node("MatMul", ["x", "wd"], ["y"])],
+        "int4_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "t", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "t", n])],
+        [helper.make_tensor("w", TensorProto.INT4, [k, n], w_int.flatten().tolist()),
+         numpy_helper.from_array(scale, "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    onnx.save(model, tmp_path / "int4.onnx")
+    exact = ORTModel(tmp_path / "int4.onnx",
+                     session_config={"session.qdq_matmulnbits_accuracy_level": "0"})
+    assert exact.optimized_op_types() == Counter({"MatMulNBits": 1})
+    x = torch.from_numpy(rng.standard_normal((2, 3, k)).astype(np.float32))
+    w = torch.from_numpy(w_int).float() * torch.from_numpy(scale).repeat_interleave(block, 0)
+    assert check_parity(lambda t: t @ w, exact, [x], atol=1e-5).ok
+
+
 def test_custom_translation_table_lowers_an_unknown_op(tmp_path):
     from onnxscript import opset18 as op
 
