@@ -149,8 +149,7 @@ def _check_config(config) -> None:
             f"{config.model_type} ({name}) is an encoder-decoder (seq2seq) model; fxcompress "
             "compiles decoder-only causal LMs"
         )
-    if getattr(config, "is_decoder", None) is False:
-        # encoder families (BERT, RoBERTa...) carry is_decoder=False; pure decoders lack the flag
+    if _is_encoder_family(config):
         raise UnsupportedModelError(
             f"{config.model_type} ({name}) is an encoder-only model (is_decoder=False), not a "
             "causal LM; fxcompress compiles decoder-only causal LMs"
@@ -160,6 +159,14 @@ def _check_config(config) -> None:
             f"{config.model_type} ({name}) has no causal-LM head in transformers (encoder-only?); "
             "fxcompress compiles decoder-only causal LMs"
         )
+
+
+def _is_encoder_family(config) -> bool:
+    """BERT-like: a masked-LM family whose config is not set up as a decoder."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return (getattr(config, "model_type", None) in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+            and not getattr(config, "is_decoder", False))
 
 
 def check_causal_lm(model: torch.nn.Module) -> None:
@@ -172,7 +179,7 @@ def check_causal_lm(model: torch.nn.Module) -> None:
             f"{type(model).__name__} is an encoder-decoder (seq2seq) model; fxcompress compiles "
             "decoder-only causal LMs"
         )
-    if getattr(config, "is_decoder", None) is False:
+    if _is_encoder_family(config):
         raise UnsupportedModelError(
             f"{type(model).__name__} is an encoder-only model (is_decoder=False), not a causal LM; "
             "fxcompress compiles decoder-only causal LMs"
