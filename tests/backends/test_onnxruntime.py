@@ -19,7 +19,6 @@ from tests.conftest import (
     needs_stories,
     stories_graph,
     stories_model,
-    tiny_graph,
     tiny_model,
 )
 
@@ -55,11 +54,13 @@ def export_dir(tmp_path_factory) -> Path:
 
 
 def _exported(family: str, export_dir: Path) -> tuple[torch.fx.GraphModule, Path]:
-    """The traced tiny graph of ``family`` and its ONNX export (one export per family per run)."""
+    """``compile(model, passes=[])`` of ``family`` and its ``export_onnx`` (once per family per run)."""
     if family not in _EXPORTS or not _EXPORTS[family][1].exists():
-        gm = tiny_graph(family)
-        _EXPORTS[family] = (gm, export_dir / f"{family}.onnx")
-        export_onnx(gm, _EXPORTS[family][1])
+        import compiler
+
+        cm = compiler.compile(tiny_model(family), [])
+        _EXPORTS[family] = (cm.graph_module, export_dir / f"{family}.onnx")
+        cm.export_onnx(_EXPORTS[family][1])
     return _EXPORTS[family]
 
 
