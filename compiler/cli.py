@@ -101,8 +101,8 @@ def cmd_eval(args) -> int:
         raise FxCompressError(
             f"no tokenizer found for {args.model!r}: give --tokenizer DIR (a folder with tokenizer.json)"
         )
-    windows = data.eval_windows_for(
-        args.data, tok_dir, window=args.window_len, n_windows=args.windows, data_dir=args.data_dir
+    windows = data.evaluation_windows(
+        args.data, tok_dir, n_windows=args.windows, window=args.window_len, data_dir=args.data_dir
     )
     result = evaluate.perplexity(fn, windows, batch_size=args.batch_size, progress=not args.quiet)
     print(f"{args.model}: {args.data} {result}")
@@ -144,7 +144,7 @@ def cmd_passes(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from examples.demo import run_demo  # noqa: PLC0415
+    from compiler.demo import run_demo
 
     return run_demo(data_dir=args.data_dir, out=args.output, quiet=args.quiet)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Spinning OpenMP threads stall a loaded 2-core machine (30x slower forwards); set before torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 
 import pytest
