@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import networkx as nx
 import sympy
 import torch
-import torch.fx as fx
+from torch import fx
 
 from compiler import ir
 from compiler.errors import PassError
@@ -242,12 +243,16 @@ class _Spaces:
         return self.make("cat", picked) if len(picked) > 1 else picked[0]
 
     def _cat_parts(self, i: int) -> list[int]:
+        return self._flat_parts(i, "cat")
+
+    def _flat_parts(self, i: int, kind: str) -> list[int]:
+        """Parts of ``i`` with nested structures of the same ``kind`` flattened (associativity)."""
         st = self.children(i)
-        if st is None or st.kind != "cat":
+        if st is None or st.kind != kind:
             return [i]
         out: list[int] = []
         for c in st.children:
-            out.extend(self._cat_parts(c))
+            out.extend(self._flat_parts(c, kind))
         return out
 
     def leaves(self, i: int) -> list[int]:
@@ -286,7 +291,7 @@ class _Spaces:
         st = self.struct.get(r)
         if st is None:
             return f"{labels.get(r, 'ch')}({self.size[r]})"
-        kids = self._cat_parts(r) if st.kind == "cat" else st.children
+        kids = self._flat_parts(r, st.kind)
         parts = [self.render(c, labels) for c in kids]
         return ("(" + " x ".join(parts) + ")") if st.kind == "prod" else ("[" + " | ".join(parts) + "]")
 
@@ -673,7 +678,7 @@ class _Builder:
         d = d % len(sh)
         s = self.space(p, d)
         target = str(p.target)
-        name = target[len(ir.WRAPPER_PREFIX):] if target.startswith(ir.WRAPPER_PREFIX) else target
+        name = target.removeprefix(ir.WRAPPER_PREFIX)
         self.members.append((user, Member(target, name, d, role, ir.module_path(user), user.name,
                                           int(sh[d]), "", s)))
         return s
@@ -923,9 +928,9 @@ def _rule_unsqueeze(b: _Builder, n: fx.Node) -> None:
             b.opaque(n, "cannot align squeeze")
             return
         for ga, gb in blocks:
-            if len(ga) == 1 and len(gb) == 1:
-                if (s := b.unify(x, ga[0], n, gb[0], "squeeze")) is not None:
-                    b.record(n, s)
+            s = b.unify(x, ga[0], n, gb[0], "squeeze") if len(ga) == len(gb) == 1 else None
+            if s is not None:
+                b.record(n, s)
         return
     for d_in, d_out in enumerate(kept):
         if (s := b.unify(x, d_in, n, d_out, "unsqueeze")) is not None:
@@ -966,9 +971,8 @@ def _slice_to(b: _Builder, n: fx.Node, out: fx.Node, x: fx.Node, dim: int, start
     rank = len(sx)
     dim %= rank
     for d in range(rank):
-        if d != dim:
-            if (s := b.unify(x, d, out, d, "slice")) is not None:
-                b.record(n, s)
+        if d != dim and (s := b.unify(x, d, out, d, "slice")) is not None:
+            b.record(n, s)
     if not b.is_channel(x, dim):
         return
     size = sx[dim]
@@ -1298,7 +1302,7 @@ def _heads_and_labels(b: _Builder, gops: list[OpUse], mem: list[Member]
     heads = None
     if nodes:
         n = nodes[0]
-        q, k, v = n.args[:3]
+        q, _k, v = n.args[:3]
         if b.is_channel(q, 1) and b.is_channel(q, 3) and b.is_channel(v, 3):
             hq = b.space(q, 1)
             bcast = {sp.find(x) for x in sp.broadcast}
@@ -1359,5 +1363,15 @@ class ChannelGroupsAnalysis(Analysis):
         return build_channel_groups(gm)
 
 
-__all__ = ["KINDS", "RULES", "Member", "OpUse", "Leaf", "HeadStructure", "ChannelGroup",
-           "ChannelGroups", "ChannelGroupsAnalysis", "build_channel_groups"]
+__all__ = [
+    "KINDS",
+    "RULES",
+    "ChannelGroup",
+    "ChannelGroups",
+    "ChannelGroupsAnalysis",
+    "HeadStructure",
+    "Leaf",
+    "Member",
+    "OpUse",
+    "build_channel_groups",
+]
