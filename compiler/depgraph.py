@@ -26,8 +26,9 @@ How it is built (one pass over the graph, in topological order):
 
 Transform kinds: ``permute`` (RPTQ), ``scale`` (SmoothQuant, diagonal), ``rotate`` (SliceGPT,
 orthogonal), ``select`` (pruning, lossy). ``ChannelGroup.indices`` turns a per-leaf choice
-(a permutation, or the kept indices) into the gather index of every member, so a pass applies one
-decision to all members consistently.
+(a permutation, or the kept indices) into the gather index of every member, and
+``ChannelGroup.vectors`` turns per-leaf vectors (diagonal scales) into per-member vectors, so a
+pass applies one decision to all members consistently.
 
 Skips / limits: embedding rows (vocabulary, gathered by token id) are not channel dims; a
 weight that is not a parameter (``get_attr`` of a buffer) is treated as a constant; a space
@@ -286,6 +287,31 @@ class _Spaces:
             out = (out[:, None] * sz + ix[None, :]).reshape(-1)
         return out
 
+    def coords(self, i: int) -> dict[int, torch.Tensor]:
+        """Per leaf, the coordinate of every position of space ``i`` along it (-1 if absent)."""
+        r = self.find(i)
+        n = self.size[r]
+        st = self.struct.get(r)
+        if st is None:
+            return {r: torch.arange(n)}
+        kids = [(self.coords(c), self.size[self.find(c)]) for c in st.children]
+        out: dict[int, torch.Tensor] = {}
+        if st.kind == "prod":
+            outer = 1
+            for cc, sz in kids:
+                inner = n // (outer * sz)
+                for lf, c in cc.items():
+                    out[lf] = c.repeat_interleave(inner).repeat(outer)
+                outer *= sz
+            return out
+        off = 0
+        for cc, sz in kids:
+            for lf, c in cc.items():
+                t = out.setdefault(lf, torch.full((n,), -1, dtype=torch.long))
+                t[off:off + sz] = c
+            off += sz
+        return out
+
     def render(self, i: int, labels: Mapping[int, str]) -> str:
         r = self.find(i)
         st = self.struct.get(r)
@@ -477,6 +503,29 @@ class ChannelGroup:
             r = self._spaces.find(k)
             ch[r] = torch.as_tensor(v, dtype=torch.long)
         return {m: self._spaces.index(m.space, ch) for m in self.members}
+
+    def vectors(self, values: Mapping[int, Sequence[float] | torch.Tensor]
+                ) -> dict[Member, torch.Tensor]:
+        """Per member, a per-channel vector built from per-leaf vectors (e.g. diagonal scales).
+
+        Args:
+            values: ``{leaf id: vector of leaf.size}``; a member position gets the product of the
+                values at its coordinates (1 along leaves not named).
+
+        Returns:
+            ``{member: Tensor[member.size]}``. A pass scales producers by it and divides the
+            consumers by it: ``(X diag(s)^-1)(diag(s) W)``.
+        """
+        vals = {self._spaces.find(k): torch.as_tensor(v) for k, v in values.items()}
+        out = {}
+        for m in self.members:
+            vec = torch.ones(m.size, dtype=torch.float64)
+            for lf, c in self._spaces.coords(m.space).items():
+                if lf in vals:
+                    v = vals[lf].to(torch.float64)
+                    vec = vec * torch.where(c >= 0, v[c.clamp(min=0)], torch.ones_like(vec))
+            out[m] = vec
+        return out
 
     def param_indices(self, choice: Mapping[int, Sequence[int] | torch.Tensor]
                       ) -> dict[tuple[str, int], torch.Tensor]:

@@ -378,3 +378,26 @@ def test_twelve_layer_model_builds_quickly():
     cg = build_channel_groups(gm)
     assert time.perf_counter() - t < 1.0
     assert len(cg.of_kind("attn_heads")) == 12 and len(cg.of_kind("mlp")) == 12
+
+
+def test_positive_scales_through_the_opt_mlp_group_keep_logits(probe_ids):
+    # relu(s x) = s relu(x) for s > 0: scale fc1 rows and bias by s, divide fc2 columns by s.
+    gm = canonical("opt")
+    ref = gm(probe_ids)
+    g = build_channel_groups(gm)["mlp:model.decoder.layers.0"]
+    assert g.transparent("scale")
+    s = torch.rand(128, generator=torch.Generator().manual_seed(1)) + 0.5
+    for m, vec in g.vectors({g.leaf("channels").id: s}).items():
+        w = ir.get_param(gm, m.target)
+        shape = [-1 if d == m.dim else 1 for d in range(w.dim())]
+        vec = vec.to(w.dtype).reshape(shape)
+        ir.set_param(gm, m.target, w * vec if m.is_producer else w / vec)
+    torch.testing.assert_close(gm(probe_ids), ref, atol=1e-5, rtol=0)
+
+
+def test_vectors_follow_the_head_layout():
+    g = build_channel_groups(canonical("llama"))["attn_heads:model.layers.0.self_attn"]
+    vec = {m.name.split(".")[-2]: v for m, v in
+           g.vectors({g.leaf("kv_heads").id: [2.0, 3.0]}).items()}
+    assert torch.equal(vec["k_proj"], torch.tensor([2.0] * 16 + [3.0] * 16, dtype=torch.float64))
+    assert torch.equal(vec["o_proj"], torch.tensor([2.0] * 32 + [3.0] * 32, dtype=torch.float64))
