@@ -26,6 +26,10 @@ With ``TRITON_INTERPRET=1`` set *before this module is imported* (triton decides
 time), the kernels run on CPU tensors through Triton's interpreter with a single small block
 configuration, which is how the tests exercise them without a GPU.
 
+Every launch passes ``enable_fp_fusion=False``: no mul+add contraction into FMA, so the GPU
+epilogues perform the same IEEE operations as the references (and the interpreter); the cost is
+a few instructions per output element.
+
 Rounding to nearest-even inside kernels uses ``(v + 1.5 * 2^23) - 1.5 * 2^23`` on values already
 clamped to [-127, 127]: exact in IEEE fp32 for ``|v| < 2^22`` and available in the interpreter,
 where ``libdevice.rint`` is not.
@@ -415,7 +419,7 @@ def w8a8_gemm(
         a, w, a_scale, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, _m_bucket(M),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -477,6 +481,9 @@ def w4a16_gemm(
     bias = bias.contiguous() if bias is not None else None
     fused_bias = bias is not None and split_k == 1
     zeros_t = zeros if zeros is not None else scales
+    # The interpreter's dot has no bf16 path (it multiplies the raw uint16 storage), so bf16
+    # operands go through an fp32 dot there: bf16 products are exact in fp32, same result.
+    fp32_dot = x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), split_k)
@@ -488,8 +495,7 @@ def w4a16_gemm(
         scales.stride(0), scales.stride(1), zeros_t.stride(0), zeros_t.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group_size, HAS_ZEROS=zeros is not None, HAS_BIAS=fused_bias, SPLIT_K=split_k,
-        # The interpreter's dot has no bf16 path (it multiplies the raw uint16 storage).
-        FP32_DOT=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16), SYM_ZERO=float(INT4_SYMMETRIC_ZERO),
+        FP32_DOT=fp32_dot, SYM_ZERO=float(INT4_SYMMETRIC_ZERO), enable_fp_fusion=False,
     )  # fmt: skip
     if split_k == 1:
         return out[0]
@@ -531,7 +537,7 @@ def _norm_quant(
         x, gain_c if gain_c is not None else scale, perm_c if perm_c is not None else scale,
         q, scale, K, x.stride(0), x.stride(1), q.stride(0), q.stride(1), float(eps),
         HAS_NORM=has_norm, HAS_GAIN=gain is not None, HAS_PERM=perm is not None,
-        BLOCK_K=block_k, num_warps=warps,
+        BLOCK_K=block_k, num_warps=warps, enable_fp_fusion=False,
     )  # fmt: skip
     return q, scale
 
@@ -625,6 +631,74 @@ def cluster_gemm(
         a, w, a_scale, offs, w_scale, bias if bias is not None else w_scale, out,
         M, N, K, C, _m_bucket(M),
         a.stride(0), a.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, enable_fp_fusion=False,
     )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------- ahead-of-time check
+
+
+def compile_for_arch(arch: int = 90, *, all_configs: bool = False) -> list[str]:
+    """Compile the kernels for a CUDA architecture without a GPU (Triton ships ptxas).
+
+    Catches GPU-path compile errors (types, layouts, shared-memory overflows) on a CPU-only
+    machine, where the interpreter exercises only the semantics.
+
+    Args:
+        arch: compute capability as an int (80 = A100, 90 = H100/H200).
+        all_configs: compile every autotune config (minutes) instead of the first of each.
+
+    Returns:
+        One line per compiled variant: kernel, dtypes, block config, shared memory bytes.
+
+    Raises:
+        TritonLaunchError: when this module was imported under ``TRITON_INTERPRET=1``.
+    """
+    if INTERPRET:
+        raise TritonLaunchError(
+            "compile_for_arch needs the kernels imported without the interpreter"
+        )
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    lines: list[str] = []
+
+    def build(name, jitfn, types, consts, warps, stages):
+        sig, cx = {}, {}
+        for i, arg in enumerate(jitfn.arg_names):
+            if arg in consts:
+                sig[arg], cx[(i,)] = "constexpr", consts[arg]
+            else:
+                sig[arg] = types.get(arg, "i32")
+        opts = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False}
+        k = triton.compile(ASTSource(jitfn, sig, cx), target=target, options=opts)
+        lines.append(f"sm_{arch} {name} {consts} smem={k.metadata.shared}")
+
+    def pick(configs):
+        return configs if all_configs else configs[:1]
+
+    for out_t in ("*fp16", "*bf16", "*fp32"):
+        for cfg in pick(_W8A8_CONFIGS):
+            types = {"a_ptr": "*i8", "w_ptr": "*i8", "a_scale_ptr": "*fp32",
+                     "w_scale_ptr": "*fp32", "bias_ptr": "*fp16", "out_ptr": out_t}  # fmt: skip
+            consts = {"HAS_BIAS": True, **cfg.kwargs}
+            build("w8a8", _w8a8_kernel.fn, types, consts, cfg.num_warps, cfg.num_stages)
+            build("cluster", _cluster_kernel.fn, {**types, "offs_ptr": "*i32", "bias_ptr": "*fp32"},
+                  consts, cfg.num_warps, cfg.num_stages)  # fmt: skip
+    for x_t in ("*fp16", "*bf16", "*fp32"):
+        for group, has_zeros in ((32, True), (128, False)):
+            for cfg in pick(_W4A16_CONFIGS):
+                types = {"x_ptr": x_t, "qw_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*u8",
+                         "bias_ptr": x_t, "out_ptr": x_t}  # fmt: skip
+                consts = {"GROUP": group, "HAS_ZEROS": has_zeros, "HAS_BIAS": True, "SPLIT_K": 2,
+                          "FP32_DOT": x_t == "*fp32", "SYM_ZERO": float(INT4_SYMMETRIC_ZERO),
+                          **cfg.kwargs}  # fmt: skip
+                build("w4a16", _w4a16_kernel.fn, types, consts, cfg.num_warps, cfg.num_stages)
+        types = {"x_ptr": x_t, "gain_ptr": x_t, "perm_ptr": "*i64", "q_ptr": "*i8",
+                 "scale_ptr": "*fp32", "eps": "fp32"}  # fmt: skip
+        for has_norm in (True, False):
+            consts = {"HAS_NORM": has_norm, "HAS_GAIN": has_norm, "HAS_PERM": True, "BLOCK_K": 4096}
+            build("rmsnorm_quant", _rmsnorm_quant_kernel, types, consts, 16, 1)
+    return lines

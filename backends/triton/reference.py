@@ -409,7 +409,7 @@ def w4a16_gemm_ref(
 
 
 def per_token_quantize_ref(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-token int8 quantization of fp32 ``y [M, K]`` -> ``(q int8, scale fp32 [M])``."""
+    """Symmetric per-token int8 quantization of fp32 ``y [M, K]`` -> ``(q int8, scale [M])``."""
     scale = y.abs().amax(dim=1).clamp(min=ABSMAX_FLOOR) / QMAX_INT8
     inv = 1.0 / scale
     q = round_half_even((y * inv[:, None]).clamp(-QMAX_INT8, QMAX_INT8)).to(torch.int8)
