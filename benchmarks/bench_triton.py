@@ -19,6 +19,7 @@ Usage::
     python benchmarks/bench_triton.py                 # full table (needs CUDA)
     python benchmarks/bench_triton.py --kernels w8a8 --m 1,128
     python benchmarks/bench_triton.py --check         # tiny correctness pass; CPU via interpreter
+    python benchmarks/bench_triton.py --compile-arch 90   # compile for sm_90, no GPU needed
 
 Without CUDA the timing mode exits with a message; ``--check`` then sets ``TRITON_INTERPRET=1``
 (before triton is imported) and runs every kernel on tiny CPU shapes against its reference.
@@ -58,6 +59,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--iters", type=int, default=50)
+    p.add_argument(
+        "--compile-arch",
+        type=int,
+        default=None,
+        help="compile the kernels for this CUDA arch (e.g. 90) without a GPU, then exit",
+    )
+    p.add_argument("--all-configs", action="store_true", help="with --compile-arch: every config")
     p.add_argument("--peak-gbs", type=float, default=None, help="override the GPU's peak GB/s")
     args = p.parse_args(argv)
     args.kernels = [k for k in args.kernels.split(",") if k]
@@ -250,6 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     if args.check:
         return run_check()
+    if args.compile_arch is not None:
+        from backends.triton.kernels import compile_for_arch
+
+        for line in compile_for_arch(args.compile_arch, all_configs=args.all_configs):
+            print(line)
+        print(f"all kernels compiled for sm_{args.compile_arch}")
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit(
             "bench_triton.py needs a CUDA device to time kernels (none found). "
