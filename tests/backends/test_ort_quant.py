@@ -1,0 +1,150 @@
+"""Lowering of Q/DQ graphs to ORT integer kernels: parity, kernels ORT runs, file size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.onnxruntime import ORTModel, export_onnx, file_size
+from backends.ort_quant import (
+    export_quantized_onnx,
+    integer_kernel_counts,
+    lower_for_ort,
+    pack_nbits,
+    strip_debug_metadata,
+    unpack_nbits,
+)
+from compiler import ir
+from compiler.frontend import load_model, tiny_config, trace
+from compiler.pass_base import PassContext
+from passes.canonicalize import canonicalize
+from passes.insert_qdq import InsertQDQ, WeightQuantSpec, quantize_weight_per_group
+from tests.conftest import tiny_graph
+
+# ORT vs the fx graph on logits of magnitude ~1: both compute the same integer products; what
+# differs is float rounding order (and ORT's x / s vs PT2E's x * (1 / s) before rounding).
+ORT_ATOL = 1e-4
+# The lowered fx graph (integer products in float64) vs the Q/DQ graph (float32 products of
+# dequantized values).
+LOWER_ATOL = 1e-5
+
+SCHEMES = {
+    "w8a8": {"scheme": "w8a8"},
+    "w8a8_dynamic": {"scheme": "w8a8_dynamic"},
+    "w4a16": {"scheme": "w4a16", "group_size": 32},
+    "w4a16_sym": {"scheme": "w4a16", "group_size": 32, "symmetric": True},
+}
+LAYERS = 2  # tiny llama
+
+
+def _quantized(name, calib, **extra):
+    gm = canonicalize(tiny_graph("llama"))
+    InsertQDQ(quantize_lm_head=True, **SCHEMES[name], **extra).run(
+        gm, PassContext(calibration=calib))
+    return gm
+
+
+@pytest.fixture(scope="module")
+def calib():
+    g = torch.Generator().manual_seed(11)
+    return [torch.randint(0, 256, (2, 32), generator=g) for _ in range(4)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, calib):
+    """Each scheme's Q/DQ graph and its ORT model (exported once per module)."""
+    d = tmp_path_factory.mktemp("ort_quant")
+    out = {}
+    for name in SCHEMES:
+        gm = _quantized(name, calib, quantize_embeddings=True)
+        path = export_quantized_onnx(gm, d / f"{name}.onnx")
+        out[name] = (gm, ORTModel(path))
+    return out
+
+
+# ----------------------------------------------------------------------------- fast
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("in_features, group", [(64, 32), (96, 32), (256, 128)])
+def test_nbits_packing_round_trips_to_the_dequantized_weight(symmetric, in_features, group):
+    w = torch.randn(24, in_features, generator=torch.Generator().manual_seed(0))
+    q, s, zp = quantize_weight_per_group(w, WeightQuantSpec(4, group, symmetric))
+    packed, sc, zpp = pack_nbits(q, s, zp, group)
+    assert packed.dtype == torch.uint8 and packed.shape == (24, in_features // group, group // 2)
+    assert (zpp is None) == symmetric
+    expected = ((q.float() - (0 if zp is None else zp.float().repeat_interleave(group, 1)))
+                * s.repeat_interleave(group, 1))
+    got = unpack_nbits(packed, sc, zpp, in_features, 24, group)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_lowered_graph_equals_qdq_graph(name, calib, probe_ids):
+    gm = _quantized(name, calib, quantize_embeddings=True)
+    lowered, stats = lower_for_ort(gm)
+    assert (lowered(probe_ids) - gm(probe_ids)).abs().max() <= LOWER_ATOL
+    n = 7 * LAYERS + 1
+    if name == "w8a8":
+        assert stats.int8_linears_static == n and stats.activation_quantizers == 4 * LAYERS + 1
+    elif name == "w8a8_dynamic":
+        assert stats.int8_linears_per_token == n
+    else:
+        assert stats.int4_linears == n
+    assert stats.int8_embeddings == 1 and stats.left_as_is == 0
+    counts = ir.op_counts(lowered)
+    assert not any(k.startswith("quantized_decomposed") for k in counts)
+    assert counts["linear"] == 0
+
+
+def test_lowering_leaves_the_input_graph_untouched(calib):
+    gm = _quantized("w8a8", calib)
+    code = gm.code
+    lower_for_ort(gm)
+    assert gm.code == code
+
+
+def test_lowering_rejects_bad_accuracy_level(calib):
+    with pytest.raises(ValueError, match="accuracy_level"):
+        lower_for_ort(_quantized("w4a16", calib), accuracy_level=7)
+
+
+# ----------------------------------------------------------------------------- ORT (slow)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(SCHEMES))
+def test_ort_logits_match_the_graph(name, exported, probe_ids):
+    gm, ort_model = exported[name]
+    for ids in (probe_ids, probe_ids[:1, :5]):
+        assert (ort_model(ids) - gm(ids)).abs().max() <= ORT_ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, kernel", [
+    ("w8a8", "MatMulIntegerToFloat"), ("w8a8_dynamic", "MatMulIntegerToFloat"),
+    ("w4a16", "MatMulNBits"), ("w4a16_sym", "MatMulNBits"),
+])
+def test_ort_runs_integer_kernels_for_every_quantized_linear(name, kernel, exported):
+    _, ort_model = exported[name]
+    ops = ort_model.optimized_op_types()
+    kinds = integer_kernel_counts(ops)
+    assert ops[kernel] == 7 * LAYERS + 1  # every projection and the LM head
+    # the only float matmuls left are attention's two activation x activation products
+    assert kinds["float_matmul"] == 2 * LAYERS
+    assert kinds["dequantize"] == 0  # no weight is dequantized at run time
+
+
+@pytest.mark.slow
+def test_w8a8_file_is_under_0_3x_of_fp32(tmp_path, calib):
+    model = load_model(tiny_config("llama", hidden_size=256, intermediate_size=512,
+                                   vocab_size=1024))
+    gm = canonicalize(trace(model))
+    fp32 = export_onnx(gm, tmp_path / "fp32.onnx")
+    strip_debug_metadata(fp32)
+    InsertQDQ(scheme="w8a8", quantize_lm_head=True, quantize_embeddings=True).run(
+        gm, PassContext(calibration=[c % 1024 for c in calib]))
+    q = export_quantized_onnx(gm, tmp_path / "w8a8.onnx", strip_metadata=True)
+    assert file_size(q) < 0.3 * file_size(fp32)
+    ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert (ORTModel(q)(ids) - gm(ids)).abs().max() <= ORT_ATOL
