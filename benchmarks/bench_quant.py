@@ -1,0 +1,260 @@
+"""ORT CPU latency and file size of quantized exports vs ORT's own quantizers (BENCHMARKS.md).
+
+Model: Llama-shaped, random init (``torch.manual_seed(0)``): hidden 768, 12 layers, 12 heads
+(12 kv heads), ffn 2048, vocab 32000, untied embeddings (134M parameters). Calibration: 32 x 512
+random token ids, seed 1 (speed does not depend on the weights' values).
+
+Variants (all exported from the same traced, canonicalized graph):
+
+- ``fp32``: ``backends.onnxruntime.export_onnx``;
+- ``ort_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the fp32 file (its
+  defaults: int8 weights per tensor, every MatMul and Gather);
+- ``ort_static_qdq``: ``quantize_static`` (QDQ, per-channel, MatMul only, MinMax calibration
+  on the first 4 of the 32 x 512 calibration batches: ORT's calibrator keeps every
+  calibrated tensor of every batch in memory);
+- ``w8a8`` / ``w8a8_dynamic`` / ``w4a16``: ``InsertQDQ`` then ``backends.ort_quant`` lowering,
+  LM head and embeddings quantized too (as ``quantize_dynamic`` does); ``w4a16_acc4`` is the
+  same W4A16 graph lowered with ``MatMulNBits`` accuracy_level 4 (int8 compute inside the
+  kernel: faster, but activations are then quantized, so not A16 numerics).
+
+ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens, 3 warm-ups then the median of
+15 runs, variants interleaved (A B C A B C ...) in one process. Size: graph + external data;
+the exporter's per-node debug metadata is stripped from every file we export (fp32 included)
+so sizes compare weights, not stack traces.
+
+Run: ``python benchmarks/bench_quant.py [--seq 128 512] [--out results.md] [--workdir DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.onnxruntime import ORTModel, export_onnx, file_size
+from backends.ort_quant import (
+    INTEGER_KERNELS,
+    export_quantized_onnx,
+    integer_kernel_counts,
+    strip_debug_metadata,
+)
+from compiler.frontend import trace
+from compiler.pass_base import PassContext
+from passes.canonicalize import canonicalize
+from passes.insert_qdq import InsertQDQ
+
+log = logging.getLogger("bench_quant")
+
+CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+          "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
+          "max_position_embeddings": 2048, "tie_word_embeddings": False}
+OURS = {
+    "w8a8": {"scheme": "w8a8"},
+    "w8a8_dynamic": {"scheme": "w8a8_dynamic"},
+    "w4a16": {"scheme": "w4a16", "group_size": 128},
+    # MatMulNBits' int8-compute path: activations quantized inside the kernel (not A16 numerics)
+    "w4a16_acc4": {"scheme": "w4a16", "group_size": 128, "accuracy_level": 4},
+}
+
+
+def build_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+
+
+def calibration(n: int, seq: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, CONFIG["vocab_size"], (1, seq), generator=g) for _ in range(n)]
+
+
+def export_ours(gm, calib, work: Path, timings: dict) -> dict[str, Path]:
+    paths = {}
+    for name, opts in OURS.items():
+        opts = dict(opts)
+        level = opts.pop("accuracy_level", 0)
+        g = copy.deepcopy(gm)
+        t = time.perf_counter()
+        res = InsertQDQ(quantize_lm_head=True, quantize_embeddings=True, **opts).run(
+            g, PassContext(calibration=calib))
+        timings[f"{name}: insert_qdq (s)"] = round(time.perf_counter() - t, 1)
+        log.info("%s: %s", name, res.stats)
+        t = time.perf_counter()
+        paths[name] = export_quantized_onnx(g, work / f"{name}.onnx", strip_metadata=True,
+                                            accuracy_level=level)
+        timings[f"{name}: export (s)"] = round(time.perf_counter() - t, 1)
+        del g
+        gc.collect()
+    return paths
+
+
+def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
+                         static_batches: int) -> dict[str, Path]:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    out = {}
+    t = time.perf_counter()
+    out["ort_dynamic"] = work / "ort_dynamic.onnx"
+    quantize_dynamic(str(fp32), str(out["ort_dynamic"]), weight_type=QuantType.QInt8)
+    timings["ort_dynamic: quantize (s)"] = round(time.perf_counter() - t, 1)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            # ORT's MinMax calibrator keeps every calibrated tensor of every batch in memory
+            # (its CalibMaxIntermediateOutputs option discards data), so it gets fewer batches
+            self._it = iter([{"input_ids": c.numpy()} for c in calib[:static_batches]])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    t = time.perf_counter()
+    out["ort_static_qdq"] = work / "ort_static_qdq.onnx"
+    quantize_static(
+        str(fp32), str(out["ort_static_qdq"]), Reader(), quant_format=QuantFormat.QDQ,
+        per_channel=True, op_types_to_quantize=["MatMul"],
+        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+    )
+    timings["ort_static_qdq: quantize (s)"] = round(time.perf_counter() - t, 1)
+    return out
+
+
+def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int) -> dict:
+    sessions = {k: ORTModel(p, threads=2) for k, p in paths.items()}
+    result = {}
+    for seq in seqs:
+        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq),
+                            generator=torch.Generator().manual_seed(2))
+        feeds = {k: {s.input_names[0]: ids.numpy()} for k, s in sessions.items()}
+        ref = None
+        outs = {}
+        for k, s in sessions.items():
+            for _ in range(warmup):
+                y = s.session.run(None, feeds[k])[0]
+            outs[k] = y
+            ref = y if k == "fp32" else ref
+        times = {k: [] for k in sessions}
+        for _ in range(runs):  # interleaved: drift hits every variant alike
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s.session.run(None, feeds[k])
+                times[k].append(time.perf_counter() - t)
+        result[seq] = {
+            k: {"median_ms": 1e3 * statistics.median(v),
+                "max_abs_logit_diff_vs_fp32": float(np.abs(outs[k] - ref).max())}
+            for k, v in times.items()
+        }
+    ops = {}
+    for k, s in sessions.items():
+        c = s.optimized_op_types()
+        ops[k] = {"counts": integer_kernel_counts(c),
+                  "integer_ops": {o: n for o, n in c.items() if o in INTEGER_KERNELS}}
+    return {"latency": result, "ops": ops}
+
+
+def render(paths, res, timings, seqs, n_params) -> str:
+    fp_size = file_size(paths["fp32"])
+    lines = [
+        (f"Model: Llama-shaped random init, {n_params / 1e6:.1f}M params (hidden "
+         f"{CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, ffn "
+         f"{CONFIG['intermediate_size']}, vocab {CONFIG['vocab_size']}); ORT CPU EP, "
+         "intra_op_num_threads=2, batch 1; median of 15 after 3 warm-ups, interleaved."),
+        (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+         f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}."),
+        "",
+    ]
+    head = "| variant | " + " | ".join(f"ms @{s} | x fp32 @{s}" for s in seqs)
+    lines += [head + " | size MB | x fp32 size | integer kernels (ORT optimised graph) | "
+              "float MatMul | max abs logit diff vs fp32 |",
+              "|" + "---|" * (3 + 2 * len(seqs) + 3)]
+    for k in paths:
+        row = [k]
+        for s in seqs:
+            ms = res["latency"][s][k]["median_ms"]
+            row += [f"{ms:.1f}", f"{ms / res['latency'][s]['fp32']['median_ms']:.2f}"]
+        size = file_size(paths[k])
+        kern = ", ".join(f"{o} x{n}" for o, n in sorted(res["ops"][k]["integer_ops"].items()))
+        row += [f"{size / 1e6:.1f}", f"{size / fp_size:.3f}", kern or "-",
+                str(res["ops"][k]["counts"]["float_matmul"]),
+                f"{res['latency'][seqs[0]][k]['max_abs_logit_diff_vs_fp32']:.3g}"]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", ("Sizes exclude the exporter's per-node debug metadata (stripped from every "
+                   "file we export; ORT's quantizers copy the stripped fp32 graph).")]
+    lines += ["", "Compile/quantize times: " + ", ".join(f"{k} {v}" for k, v in timings.items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seq", type=int, nargs="+", default=[128])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--calib", type=int, default=32, help="calibration batches of 1 x 512")
+    ap.add_argument("--ort-static-calib", type=int, default=4,
+                    help="calibration batches (1 x 512) given to ORT quantize_static")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a 2-layer hidden-256 model, to check the script end to end quickly")
+    ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        CONFIG.update(hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, intermediate_size=512, vocab_size=1024)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(2)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_quant-"))
+    work.mkdir(parents=True, exist_ok=True)
+    timings: dict = {}
+
+    model = build_model()
+    n_params = sum(p.numel() for p in model.parameters())
+    t = time.perf_counter()
+    gm = canonicalize(trace(model))
+    timings["trace+canonicalize (s)"] = round(time.perf_counter() - t, 1)
+    del model
+    calib = calibration(args.calib, 512)
+
+    paths = {"fp32": work / "fp32.onnx"}
+    t = time.perf_counter()
+    export_onnx(gm, paths["fp32"])
+    strip_debug_metadata(paths["fp32"])
+    timings["fp32: export (s)"] = round(time.perf_counter() - t, 1)
+    paths.update(export_ort_baselines(paths["fp32"], calib, work, timings,
+                                              args.ort_static_calib))
+    paths.update(export_ours(gm, calib, work, timings))
+    del gm
+    gc.collect()
+
+    res = bench(paths, args.seq, args.warmup, args.runs)
+    table = render(paths, res, timings, args.seq, n_params)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"latency": res["latency"], "ops": res["ops"], "timings": timings,
+             "sizes": {k: file_size(p) for k, p in paths.items()}}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
