@@ -33,6 +33,11 @@ a few instructions per output element.
 Rounding to nearest-even inside kernels uses ``(v + 1.5 * 2^23) - 1.5 * 2^23`` on values already
 clamped to [-127, 127]: exact in IEEE fp32 for ``|v| < 2^22`` and available in the interpreter,
 where ``libdevice.rint`` is not.
+
+Limits: int32 accumulation is exact for K < 2^17; pointer offsets are int32 (each operand under
+2^31 elements); W4A16 needs K a multiple of the group size (32/64/128). Performance on a GPU has
+not been measured yet (no GPU was available when these were written); block configs follow
+common Triton GEMM practice and are compiled for sm_80/sm_90 by ``compile_for_arch``.
 """
 
 from __future__ import annotations
