@@ -297,7 +297,7 @@ def test_phi3_fused_qkv_and_gate_up_are_handled_by_slicing():
 # ------------------------------------------------------------- completeness (exact transforms)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "phi3", "gpt_neox"])
 def test_permuting_every_group_through_its_members_keeps_logits(family, probe_ids):
     gm = canonical(family)
     ref = gm(probe_ids)
