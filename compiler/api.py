@@ -66,10 +66,19 @@ class CompiledModel:
         return torch.randint(0, vocab, (2, 16), generator=torch.Generator().manual_seed(0))
 
     def export_onnx(self, path: str | os.PathLike, **kwargs: Any) -> Path:
-        """Export to ONNX (dynamic batch and sequence); written atomically. See backends.onnxruntime."""
+        """Export to ONNX (dynamic batch and sequence); written atomically.
+
+        A graph with Q/DQ nodes is first lowered to the integer kernels ONNX Runtime runs
+        (``backends.ort_quant``: MatMulIntegerToFloat for int8, MatMulNBits for int4); a float
+        graph goes straight through ``backends.onnxruntime.export_onnx``.
+        """
+        kwargs.setdefault("example_inputs", self.example_inputs())
+        if is_quantized(self.graph_module):
+            from backends.ort_quant import export_quantized_onnx
+
+            return export_quantized_onnx(self.graph_module, path, **kwargs)
         from backends.onnxruntime import export_onnx
 
-        kwargs.setdefault("example_inputs", self.example_inputs())
         return export_onnx(self.graph_module, path, **kwargs)
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -158,6 +167,15 @@ class CompiledModel:
         tok = directory if "tokenizer.json" in files else None
         return cls(gm, report, config=config, model_class=manifest.get("model_class", ""),
                    tokenizer_dir=tok)
+
+
+def is_quantized(gm: fx.GraphModule) -> bool:
+    """True if the graph holds PT2E ``quantized_decomposed`` Q/DQ nodes."""
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "quantized_decomposed"
+        for n in gm.graph.nodes
+    )
 
 
 def _sha256(path: Path) -> str:

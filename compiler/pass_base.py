@@ -77,7 +77,15 @@ class Pass:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
 
     def __repr__(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        """``name(opt=value, ...)`` listing only options that differ from their defaults."""
+        import inspect
+
+        params = inspect.signature(type(self).__init__).parameters
+        shown = {
+            k: v for k, v in self.options().items()
+            if k not in params or params[k].default is inspect.Parameter.empty or params[k].default != v
+        }
+        opts = ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"{self.name or type(self).__name__}({opts})"
 
 

@@ -263,7 +263,7 @@ def _check_qdq(gm: fx.GraphModule, ctxmsg: str) -> None:
         base = n.target._schema.name.split("::")[-1]
         if base not in _Q_OPS:
             continue
-        qdtype = n.args[-1] if not n.kwargs.get("dtype") else n.kwargs["dtype"]
+        qdtype = _qdq_dtype(n)
         for u in n.users:
             ok = (
                 u.op == "call_function"
@@ -276,12 +276,23 @@ def _check_qdq(gm: fx.GraphModule, ctxmsg: str) -> None:
                     f"quantize node {n.name} ({ir.site(n)}) feeds {u.name} ({ir.op_name(u)}), "
                     f"not a dequantize{ctxmsg}"
                 )
-            udtype = u.args[-1] if not u.kwargs.get("dtype") else u.kwargs["dtype"]
+            udtype = _qdq_dtype(u)
             if isinstance(qdtype, torch.dtype) and isinstance(udtype, torch.dtype) and qdtype != udtype:
                 raise VerificationError(
                     f"Q/DQ pair {n.name} -> {u.name} ({ir.site(n)}) disagree on dtype "
                     f"{qdtype} vs {udtype}{ctxmsg}"
                 )
+
+
+def _qdq_dtype(n: fx.Node):
+    """The integer dtype argument of a quantized_decomposed Q/DQ node (schema-aware)."""
+    schema = n.target._schema
+    for i, arg in enumerate(schema.arguments):
+        if arg.name == "dtype":
+            if "dtype" in n.kwargs:
+                return n.kwargs["dtype"]
+            return n.args[i] if i < len(n.args) else None
+    return None
 
 
 def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") -> None:

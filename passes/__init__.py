@@ -5,7 +5,9 @@
 
 from compiler.registry import load_recipe, make_pass, make_passes, register, registered
 from passes.canonicalize import Canonicalize
+from passes.insert_qdq import InsertQDQ
 
-register(Canonicalize)
+for _cls in (Canonicalize, InsertQDQ):
+    register(_cls)
 
-__all__ = ["Canonicalize", "load_recipe", "make_pass", "make_passes", "register", "registered"]
+__all__ = ["Canonicalize", "InsertQDQ", "load_recipe", "make_pass", "make_passes", "register", "registered"]

@@ -6,6 +6,10 @@ import os
 
 # Spinning OpenMP threads stall a loaded 2-core machine (30x slower forwards); set before torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Without a GPU, Triton kernels run under its interpreter on CPU tensors; decided before any
+# module imports triton (a lowering module imported early would otherwise keep compiled kernels).
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from pathlib import Path
 
 import pytest
