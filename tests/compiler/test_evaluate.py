@@ -150,15 +150,3 @@ def test_stories260k_perplexity_on_first_windows_is_low_and_graph_agrees():
     gm = perplexity(stories_graph(), w, progress=False)
     assert 2 < hf.ppl < 8
     assert abs(gm.ppl / hf.ppl - 1) < 1e-3
-
-
-@pytest.mark.slow
-@needs_stories
-def test_stories260k_protocol_perplexity_is_about_4_and_graph_agrees():
-    # The protocol: first 65,280 tokens of the TinyStories eval half, 256 windows x 256.
-    hf = perplexity_on(stories_model(), "tinystories:256x256", STORIES, progress=False)
-    gm = perplexity_on(stories_graph(), "tinystories:256x256", STORIES, progress=False)
-    assert (hf.n_windows, hf.window, hf.scored_tokens) == (256, 256, 65280)
-    assert 2 < hf.ppl < 8
-    assert abs(gm.ppl / hf.ppl - 1) < 1e-3
-

@@ -1,0 +1,45 @@
+"""End to end on the real model: compile -> ONNX -> ORT, perplexity agreement under the protocol."""
+
+import pytest
+
+import compiler
+from backends.onnxruntime import ORTModel
+from compiler import data
+from compiler.evaluate import perplexity
+from tests.conftest import STORIES, needs_stories, stories_model
+
+
+@pytest.mark.slow
+@needs_stories
+def test_stories260k_perplexity_agrees_across_torch_compiled_graph_and_ort(tmp_path):
+    # Protocol: the first 65,280 tokens of the TinyStories eval half as 256 windows x [BOS]+255.
+    windows = data.evaluation_windows("tinystories", STORIES, n_windows=256, window=256)
+    cm = compiler.compile(STORIES, [])
+    ort = ORTModel(cm.export_onnx(tmp_path / "stories.onnx"), threads=2)
+    torch_ppl = perplexity(stories_model(), windows, batch_size=32, progress=False)
+    graph_ppl = perplexity(cm, windows, batch_size=32, progress=False)
+    ort_ppl = perplexity(ort, windows, batch_size=32, progress=False)
+    assert (torch_ppl.n_windows, torch_ppl.window, torch_ppl.scored_tokens) == (256, 256, 65280)
+    assert 2 < torch_ppl.ppl < 8
+    assert abs(graph_ppl.relative_change(torch_ppl)) <= 1e-3
+    assert abs(ort_ppl.relative_change(torch_ppl)) <= 1e-3
+
+
+@pytest.mark.slow
+@needs_stories
+def test_demo_runs_end_to_end_on_stories260k(tmp_path, capsys):
+    from compiler.demo import run_demo
+
+    assert run_demo(out=tmp_path / "demo", quiet=True) == 0
+    printed = capsys.readouterr().out
+    assert "stories260K" in printed and "onnxruntime" in printed and "agree within" in printed
+    assert (tmp_path / "demo" / "model.onnx").is_file()
+
+
+def test_demo_falls_back_to_a_tiny_model_without_data(tmp_path, capsys, monkeypatch):
+    from compiler.demo import run_demo
+
+    monkeypatch.setenv("FXCOMPRESS_DATA", str(tmp_path / "no-data-here"))
+    assert run_demo(data_dir=str(tmp_path / "no-data-here"), out=tmp_path / "demo", quiet=True) == 0
+    printed = capsys.readouterr().out
+    assert "shared data not found" in printed and "perplexity is skipped" in printed
