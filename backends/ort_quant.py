@@ -57,6 +57,9 @@ import torch
 import torch.ao.quantization.fx._decomposed  # registers the quantized_decomposed ops
 from torch import fx
 
+from backends.qdq_patterns import is_dequantized_weight
+from backends.qdq_patterns import is_node as _is
+from backends.qdq_patterns import match_activation as _match_activation
 from compiler import ir
 
 log = logging.getLogger(__name__)
@@ -237,16 +240,6 @@ class LoweringStats:
     left_as_is: int = 0
 
 
-def is_dequantized_weight(node) -> bool:
-    """True if ``node`` dequantizes a weight (per channel or per group)."""
-    return _is(node, qd.dequantize_per_channel.default) or _is(
-        node, qd.dequantize_per_channel_group.default)
-
-
-def _is(node, target) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
-
-
 def lower_for_ort(
     gm: fx.GraphModule, *, accuracy_level: int = 0
 ) -> tuple[fx.GraphModule, LoweringStats]:
@@ -330,23 +323,6 @@ def lower_for_ort(
     out.recompile()
     log.info("ort lowering: %s", stats)
     return out, stats
-
-
-def _match_activation(x):
-    """(float input, quantize node, mode, static scale) if ``x`` is DQ(Q(input)), else None."""
-    if _is(x, qd.dequantize_per_tensor.default):
-        q = x.args[0]
-        if (_is(q, qd.quantize_per_tensor.default) and q.args[2] == 0
-                and q.args[5] == torch.int8 and q.args[3] >= -128 and q.args[4] <= 127):
-            return q.args[0], q, "static", float(q.args[1])
-    if _is(x, qd.dequantize_per_token.default):
-        q = x.args[0]
-        if _is(q, qd.quantize_per_token.default) and q.args[5] == torch.int8:
-            s = q.args[1]
-            qp = s.args[0] if isinstance(s, fx.Node) and s.op == "call_function" and s.args else None
-            if _is(qp, qd.choose_qparams_per_token.default) and qp.args[0] is q.args[0]:
-                return q.args[0], q, "per_token", None
-    return None
 
 
 def _lower_activation(gm, x, q, mode, scale):
