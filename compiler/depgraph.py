@@ -546,6 +546,25 @@ class ChannelGroup:
     def layout(self, space: int) -> str:
         return self._spaces.render(space, {lf.id: lf.label for lf in self.leaves})
 
+    def leaf_coords(self, member: Member, leaf: int) -> torch.Tensor:
+        """Per position of ``member``'s dim, its coordinate along ``leaf`` (-1 where absent)."""
+        coords = self._spaces.coords(member.space)
+        c = coords.get(self._spaces.find(leaf))
+        return torch.full((member.size,), -1, dtype=torch.long) if c is None else c
+
+    def coords(self, member: Member) -> dict[int, torch.Tensor]:
+        """Per leaf id, the coordinate of every position of ``member``'s dim (-1 if absent).
+
+        Two members' positions hold the same channel when their coordinates agree on every
+        leaf; a leaf one member lacks (GQA's ``q_per_kv`` on ``v_proj`` rows) is broadcast.
+        """
+        return self._spaces.coords(member.space)
+
+    def broadcast_leaves(self) -> set[int]:
+        """Leaf ids created by a broadcast (GQA's repeat axis): no producer writes them."""
+        bc = {self._spaces.find(s) for s in self._spaces.broadcast}
+        return {lf.id for lf in self.leaves if self._spaces.find(lf.id) in bc}
+
 
 class ChannelGroups:
     """All channel groups of a graph (the result of the ``channel_groups`` analysis).
@@ -557,11 +576,42 @@ class ChannelGroups:
             one edge per member use; connected components match ``groups``.
     """
 
-    def __init__(self, groups: list[ChannelGroup], notes: list[str], graph: nx.Graph):
+    def __init__(self, groups: list[ChannelGroup], notes: list[str], graph: nx.Graph,
+                 dim_spaces: Mapping[tuple[str, int], int] | None = None,
+                 spaces: _Spaces | None = None):
         self.groups = groups
         self.notes = notes
         self.graph = graph
         self._by_name = {g.name: g for g in groups}
+        # (fx node name, dim) -> index space, for passes that rewrite shape arguments
+        self._dim_spaces = dict(dim_spaces or {})
+        self._spaces = spaces
+
+    def dim_index(self, node: str | fx.Node, dim: int,
+                  choice: Mapping[int, Sequence[int] | torch.Tensor]) -> torch.Tensor | None:
+        """Kept positions along ``dim`` of ``node``'s output for a per-leaf choice.
+
+        Args:
+            node: an fx node (or its name) of the analysed graph.
+            dim: a dim of its output (negative counts from the end).
+            choice: ``{leaf id: indices}`` as for :meth:`ChannelGroup.indices` (leaf ids are
+                global across groups, so choices for several groups may be merged).
+
+        Returns:
+            The gather index along that dim, or None if the dim is not a channel dim.
+        """
+        if self._spaces is None:
+            return None
+        name = node.name if isinstance(node, fx.Node) else node
+        if dim < 0:
+            if not isinstance(node, fx.Node):
+                raise ValueError("a negative dim needs the fx node, not its name")
+            dim = dim % node.meta["val"].dim()
+        s = self._dim_spaces.get((name, dim))
+        if s is None:
+            return None
+        ch = {self._spaces.find(k): torch.as_tensor(v, dtype=torch.long) for k, v in choice.items()}
+        return self._spaces.index(s, ch)
 
     def __getitem__(self, name: str) -> ChannelGroup:
         try:
@@ -1307,7 +1357,8 @@ def build_channel_groups(gm: fx.GraphModule) -> ChannelGroups:
         groups.append((order, g))
     groups.sort(key=lambda t: t[0])
     log.debug("channel_groups: %d groups, %d notes", len(groups), len(b.notes))
-    return ChannelGroups([g for _, g in groups], sorted(set(b.notes)), graph)
+    dim_spaces = {(key[1].name, key[2]): s for key, s in b.dims.items() if key[0] == "node"}
+    return ChannelGroups([g for _, g in groups], sorted(set(b.notes)), graph, dim_spaces, sp)
 
 
 def _with_layout(m: Member, sp: _Spaces, labels: Mapping[int, str]) -> Member:
