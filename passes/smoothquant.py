@@ -1,0 +1,465 @@
+"""SmoothQuant: migrate activation outliers into the weights with exact per-channel scales.
+
+Paper: SmoothQuant (Xiao et al., arXiv:2211.10438).
+
+Identity relied on: ``Y = X W^T = (X diag(s)^-1) (W diag(s))^T`` for any positive ``s``. The
+division by ``s`` is folded into whatever *produces* ``X`` (so no runtime scale op is added) and
+the multiplication into the columns of every linear that *reads* ``X``:
+
+- ``X`` is a norm's output (``rms_norm`` / ``layer_norm``): ``gain /= s`` and ``bias /= s``.
+  Only the norm's output is rescaled; the residual stream it reads is untouched.
+- ``X`` is reached from a linear's output through ops that are linear (or positively
+  homogeneous) in each channel: views/transposes/GQA repeats, the ``v`` operand of
+  ``scaled_dot_product_attention`` (the output is a per-(head, head_dim) linear function of v),
+  one factor of an elementwise product (``silu(gate) * up``: scale ``up``), ``relu``: that
+  linear's rows and bias ``/= s``. Which producer row holds which consumer column comes from the
+  channel dependency graph (:mod:`compiler.depgraph`): positions agree on every leaf axis
+  (``kv_heads x v_head_dim``), and a broadcast axis (GQA's ``q_per_kv``) shares one scale.
+
+Scales (per producer channel, over every consumer column holding it):
+``s_j = max|X_j|^alpha / max|W_:,j|^(1-alpha)``, ``max|X_j|`` from
+:class:`compiler.stats.ActivationStats` at the consumers' ``:in`` site and ``max|W_:,j|`` over
+all consuming linears. Channels whose activation or weight is all zero keep ``s = 1``.
+
+Sites rewritten: every tensor read only by linears (the LM head excepted: it stays float by
+default, so smoothing it buys nothing) whose producer is foldable as above. Skipped, with a note:
+tensors also read by a non-linear op, the LM head's input, producers that are not linear in the
+channel (``gelu``, ``silu``, a residual ``add``, a norm without gain), producers shared with
+other readers. No per-family code: only op kinds and the channel groups decide.
+
+Preconditions: ``canonical`` and ``calibrated``; the graph must not be quantized yet (checked
+in ``run``: a ``quantized_decomposed`` node raises :class:`PreconditionError`). Exact; preserves
+the channel groups analysis (shapes and structure are unchanged), not activation statistics.
+A second run finds ``s = 1`` everywhere (``max|X/s|^a / max|W s|^(1-a) = s / s``) and reports
+``modified=False`` (scales within ``1e-5`` of 1 are treated as 1).
+
+Hyper-parameters:
+    alpha (float, default 0.5): migration strength in [0, 1]; 0 leaves activations as they
+        are divided by the weight range, 1 moves the whole activation range into the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from compiler import ir
+from compiler.depgraph import ChannelGroups, ChannelGroupsAnalysis
+from compiler.errors import PassError, PreconditionError
+from compiler.pass_base import Pass, PassContext, PassResult
+
+log = logging.getLogger(__name__)
+
+#: |s - 1| below this everywhere counts as "already smooth" (a second run is a no-op)
+UNIT_TOL = 1e-5
+#: floor of activation / weight maxima in the scale formula (as in the reference code)
+MIN_RANGE = 1e-5
+
+# Ops through which a per-channel scale passes unchanged (pure data movement), by short name.
+_MOVE_OPS = {
+    "view", "reshape", "_unsafe_view", "flatten", "transpose", "t", "permute", "unsqueeze",
+    "squeeze", "expand", "contiguous", "clone", "alias", "to", "_to_copy", "dropout",
+}
+# Positively homogeneous: f(x / s) = f(x) / s for s > 0.
+_HOMOGENEOUS_OPS = {"relu"}
+_SPLIT_OPS = {"split", "split_with_sizes", "chunk"}
+
+
+def is_quantized_graph(gm: fx.GraphModule) -> bool:
+    """True if ``gm`` holds any ``quantized_decomposed`` op (Q/DQ already inserted)."""
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "quantized_decomposed"
+        for n in gm.graph.nodes
+    )
+
+
+@dataclass
+class SmoothingSite:
+    """One activation tensor to smooth and where its scales fold.
+
+    Attributes:
+        site: the ActivationStats site of the consumers' input (``<first consumer>:in``).
+        x: the activation node the consumers read.
+        consumers: the ``aten.linear`` nodes reading ``x`` (their columns are multiplied).
+        producer: the norm or linear node whose parameters absorb ``1/s``.
+        producer_params: ``(get_attr target, dim)`` of the producer parameters scaled by ``1/s``.
+        channel_of: per consumer column, the producer channel holding it (a LongTensor).
+        width: number of producer channels along the scaled dim.
+        skip: why the site is left alone (None when it is smoothed).
+    """
+
+    site: str
+    x: fx.Node
+    consumers: list[fx.Node]
+    producer: fx.Node | None = None
+    producer_params: list[tuple[str, int]] = field(default_factory=list)
+    channel_of: torch.Tensor | None = None
+    width: int = 0
+    skip: str | None = None
+
+
+# ----------------------------------------------------------------------------- decisions
+
+
+def find_smoothing_sites(gm: fx.GraphModule, groups: ChannelGroups) -> list[SmoothingSite]:
+    """Decide, for every tensor read by linears, where its smoothing scales fold. Pure.
+
+    Args:
+        gm: a canonical GraphModule.
+        groups: its channel groups (``ChannelGroupsAnalysis``).
+
+    Returns:
+        One :class:`SmoothingSite` per tensor read by a linear, in graph order; skipped ones
+        carry a reason.
+    """
+    from passes.insert_qdq import is_lm_head
+
+    readers: dict[fx.Node, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if ir.is_op(n, ir.LINEAR):
+            readers.setdefault(n.args[0], []).append(n)
+    out = []
+    for x, lins in readers.items():
+        s = SmoothingSite(f"{ir.site(lins[0])}:in", x, lins)
+        out.append(s)
+        if any(is_lm_head(n) for n in lins):
+            s.skip = "read by the LM head, which stays float"
+        elif any(ir.param_node(ir.linear_parts(n)[1]) is None for n in lins):
+            s.skip = "a reading linear's weight is not a parameter"
+        elif any(u not in lins for u in x.users):
+            others = sorted({ir.op_name(u) for u in x.users if u not in lins})
+            s.skip = f"also read by {', '.join(others)}; a scale would change them"
+        elif ir.is_op(x, ir.RMS_NORM, ir.LAYER_NORM):
+            _decide_norm(gm, s)
+        else:
+            _decide_linear(gm, groups, s)
+    return out
+
+
+def _decide_norm(gm: fx.GraphModule, s: SmoothingSite) -> None:
+    x = s.x
+    w = x.args[2] if len(x.args) > 2 else x.kwargs.get("weight")
+    b = None
+    if ir.is_op(x, ir.LAYER_NORM):
+        b = x.args[3] if len(x.args) > 3 else x.kwargs.get("bias")
+    if ir.param_node(w) is None:
+        s.skip = f"{ir.site(x)}: norm without a gain parameter has nothing to absorb the scale"
+        return
+    if b is not None and ir.param_node(b) is None:
+        s.skip = f"{ir.site(x)}: norm bias is not a parameter"
+        return
+    if any(_shared_param(gm, p, x) for p in (w, b) if p is not None):
+        s.skip = f"{ir.site(x)}: norm parameters are also read elsewhere"
+        return
+    width = ir.get_param(gm, w).shape[0]
+    s.producer = x
+    s.producer_params = [(str(w.target), 0)] + ([(str(b.target), 0)] if b is not None else [])
+    s.channel_of = torch.arange(width)
+    s.width = width
+
+
+def _shared_param(gm: fx.GraphModule, p: fx.Node, user: fx.Node) -> bool:
+    """True if the parameter behind ``p`` is read by any op other than ``user``."""
+    target = str(p.target)
+    for n in ir.iter_get_attrs(gm):
+        if str(n.target) == target and any(u is not user for u in n.users):
+            return True
+    return False
+
+
+def trace_linear_producer(x: fx.Node) -> tuple[fx.Node | None, str, tuple[int, int] | None]:
+    """Walk back from ``x`` to a linear whose rows can absorb a per-channel scale of ``x``.
+
+    Returns:
+        ``(linear node, "", rows)`` or ``(None, reason, None)``. ``rows`` is the ``[start,
+        stop)`` range of the linear's rows the walk came through when it crossed a slice or
+        split of the output's last dim (a fused ``qkv`` / ``gate_up``), else None (all rows).
+        Every tensor on the way must feed only the next op of the way (a split feeding
+        disjoint getitems is allowed), so scaling the producer changes nothing else.
+    """
+    n = x
+    rows: tuple[int, int] | None = None
+    while True:
+        if ir.is_op(n, ir.LINEAR):
+            if ir.param_node(ir.linear_parts(n)[1]) is None:
+                return None, f"producer {ir.site(n)} has a non-parameter weight", None
+            return n, "", rows
+        if n.op != "call_function":
+            return None, f"{n.op} {n.name} is not a foldable producer", None
+        name = ir.op_name(n)
+        if name in _MOVE_OPS or name in _HOMOGENEOUS_OPS:
+            nxt = n.args[0]
+            if rows is not None and name not in ("to", "_to_copy", "clone", "contiguous",
+                                                 "alias", "dropout", "relu"):
+                return None, f"{name} at {ir.site(n)} reshapes a sliced producer output", None
+        elif name in ("mul", "div") and not isinstance(n.args[1], fx.Node):
+            nxt = n.args[0]
+        elif ir.is_op(n, ir.SDPA):
+            nxt = n.args[2]  # attention output is linear in v, per (head, head_dim)
+        elif (n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+              and ir.op_name(n.args[0]) in _SPLIT_OPS) or name == "slice":
+            part = _last_dim_part(n)
+            if part is None:
+                return None, f"{name} at {ir.site(n)} does not slice the channel dim", None
+            rows = part if rows is None else (part[0] + rows[0], part[0] + rows[1])
+            if name != "slice":
+                n = n.args[0]
+            nxt = n.args[0]
+        elif name == "mul" and all(isinstance(a, fx.Node) for a in n.args[:2]):
+            # x = a * b: scaling one factor scales the product; take the first foldable one.
+            reasons = []
+            for a in n.args[:2]:
+                if len(a.users) != 1:
+                    reasons.append(f"{a.name} has other readers")
+                    continue
+                p, why, r = trace_linear_producer(a)
+                if p is not None and rows is None:
+                    return p, "", r
+                reasons.append(why or "sliced twice")
+            return None, (f"neither factor of {ir.site(n)} {name} is foldable "
+                          f"({'; '.join(reasons)})"), None
+        else:
+            return None, f"{name} at {ir.site(n)} is not linear in the channel", None
+        if not isinstance(nxt, fx.Node):
+            return None, f"{name} at {ir.site(n)} reads a constant", None
+        if len(nxt.users) != 1 and ir.op_name(nxt) not in _SPLIT_OPS \
+                and not all(ir.op_name(u) == "slice" for u in nxt.users):
+            return None, f"{nxt.name} ({ir.site(nxt)}) has other readers", None
+        n = nxt
+
+
+def _last_dim_part(n: fx.Node) -> tuple[int, int] | None:
+    """``[start, stop)`` of the last dim that a slice / split getitem selects, else None."""
+    src = n.args[0]
+    if ir.op_name(n) == "slice":
+        val = src.meta.get("val") if isinstance(src, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
+            return None
+        size, rank = val.shape[-1], val.dim()
+        dim = n.args[1] if len(n.args) > 1 else 0
+        start = n.args[2] if len(n.args) > 2 else 0
+        stop = n.args[3] if len(n.args) > 3 else size
+        step = n.args[4] if len(n.args) > 4 else 1
+        if dim % rank != rank - 1 or step != 1 or not isinstance(start, int) \
+                or not isinstance(stop, int):
+            return None
+        start, stop = start % size if start < 0 else start, min(stop if stop >= 0 else stop + size,
+                                                                size)
+        return start, stop
+    split = src
+    x = split.args[0]
+    xval = x.meta.get("val")
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not isinstance(xval, torch.Tensor) or dim % xval.dim() != xval.dim() - 1 \
+            or not isinstance(xval.shape[-1], int):
+        return None
+    size = xval.shape[-1]
+    if ir.op_name(split) == "chunk":
+        k = -(-size // split.args[1])
+        sizes = [min(k, size - i) for i in range(0, size, k)]
+    elif ir.op_name(split) == "split" and isinstance(split.args[1], int):
+        sizes = [min(split.args[1], size - i) for i in range(0, size, split.args[1])]
+    else:
+        sizes = list(split.args[1])
+    idx = n.args[1]
+    start = sum(sizes[:idx])
+    return start, start + sizes[idx]
+
+
+def _decide_linear(gm: fx.GraphModule, groups: ChannelGroups, s: SmoothingSite) -> None:
+    prod, why, rows = trace_linear_producer(s.x)
+    if prod is None:
+        s.skip = why
+        return
+    _, pw, pb = ir.linear_parts(prod)
+    if any(_shared_param(gm, p, prod) for p in (pw, pb) if ir.param_node(p) is not None):
+        s.skip = f"producer {ir.site(prod)}: parameters are also read elsewhere"
+        return
+    g = groups.group_of(str(pw.target), 0)
+    pm = g and next((m for m in g.members if m.target == str(pw.target) and m.dim == 0
+                     and m.role == "out"), None)
+    if pm is None:
+        s.skip = f"producer {ir.site(prod)}: its rows are not in a channel group"
+        return
+    maps = []
+    for c in s.consumers:
+        cw = str(ir.linear_parts(c)[1].target)
+        cm = next((m for m in g.members if m.target == cw and m.dim == 1 and m.role == "in"),
+                  None)
+        if cm is None:
+            s.skip = f"{ir.site(c)}: columns are not in {ir.site(prod)}'s channel group"
+            return
+        m = _channel_map(g, pm, cm, rows)
+        if m is None:
+            s.skip = (f"{ir.site(c)}: some columns hold no channel of {ir.site(prod)}'s rows "
+                      f"({cm.layout} vs {pm.layout})")
+            return
+        maps.append(m)
+    if any(not torch.equal(maps[0], m) for m in maps[1:]):
+        s.skip = "consumers disagree on the channel layout"
+        return
+    s.producer = prod
+    s.producer_params = [(str(pw.target), 0)]
+    if ir.param_node(pb) is not None:
+        s.producer_params.append((str(pb.target), 0))
+    s.channel_of = maps[0]
+    s.width = pm.size
+
+
+def _channel_map(g, producer, consumer, rows=None) -> torch.Tensor | None:
+    """Per consumer position, the producer position (within ``rows``) holding the same channel.
+
+    None if a consumer position has no producer position, or two producer positions write it.
+    """
+    pc, cc = g.coords(producer), g.coords(consumer)
+    keys = [lf for lf in cc if lf not in g.broadcast_leaves()]
+    if not keys:
+        return None
+    sizes = [int(max(cc[lf].max(), pc[lf].max() if lf in pc else 0)) + 1 for lf in keys]
+
+    def code(coords, n):
+        out = torch.zeros(n, dtype=torch.long)
+        ok = torch.ones(n, dtype=torch.bool)
+        for lf, sz in zip(keys, sizes):
+            c = coords.get(lf, torch.full((n,), -1, dtype=torch.long))
+            ok &= c >= 0
+            out = out * sz + c.clamp(min=0)
+        return torch.where(ok, out, torch.full_like(out, -1))
+
+    pcode, ccode = code(pc, producer.size), code(cc, consumer.size)
+    lookup: dict[int, int] = {}
+    lo, hi = rows if rows is not None else (0, producer.size)
+    for i, k in enumerate(pcode.tolist()):
+        if k >= 0 and lo <= i < hi:
+            if k in lookup:
+                return None  # two producer rows write one channel: not a diagonal fold
+            lookup[k] = i
+    out = [lookup.get(k, -1) for k in ccode.tolist()]
+    if min(out) < 0:
+        return None
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, channel_of: torch.Tensor,
+                     width: int, alpha: float) -> torch.Tensor:
+    """Per producer channel ``s = max|X|^alpha / max|W|^(1-alpha)`` (float64, 1 where unset).
+
+    Args:
+        act_absmax: ``[C]`` calibration abs-max per consumer column.
+        weight_absmax: ``[C]`` max over consuming linears of ``|W[:, j]|``.
+        channel_of: ``[C]`` producer channel of each consumer column.
+        width: number of producer channels.
+        alpha: migration strength.
+    """
+    a = torch.zeros(width, dtype=torch.float64).scatter_reduce(
+        0, channel_of, act_absmax.to(torch.float64), "amax")
+    w = torch.zeros(width, dtype=torch.float64).scatter_reduce(
+        0, channel_of, weight_absmax.to(torch.float64), "amax")
+    s = a.clamp(min=MIN_RANGE) ** alpha / w.clamp(min=MIN_RANGE) ** (1 - alpha)
+    live = torch.zeros(width, dtype=torch.bool)
+    live[channel_of] = True
+    return torch.where(live & (a > 0) & (w > 0), s, torch.ones_like(s))
+
+
+def fold_smoothing_scales(gm: fx.GraphModule, site: SmoothingSite, s: torch.Tensor) -> None:
+    """Divide the producer's parameters by ``s`` and multiply the consumers' columns by it."""
+    for target, dim in site.producer_params:
+        p = ir.get_param(gm, target)
+        shape = [1] * p.dim()
+        shape[dim] = -1
+        ir.set_param(gm, target, (p.to(torch.float64) / s.view(shape)).to(p.dtype))
+    col = s[site.channel_of]
+    done = set()
+    for c in site.consumers:
+        w = ir.linear_parts(c)[1]
+        if str(w.target) in done:
+            continue
+        done.add(str(w.target))
+        p = ir.get_param(gm, w)
+        # W: [out, in]; columns read the smoothed channels
+        ir.set_param(gm, w, (p.to(torch.float64) * col[None, :]).to(p.dtype))
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+class SmoothQuant(Pass):
+    """Fold SmoothQuant scales into producers and consumers; see the module docstring."""
+
+    name = "smoothquant"
+    exact = True
+    requires = frozenset({"canonical", "calibrated"})
+
+    def __init__(self, *, alpha: float = 0.5):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
+                or not 0.0 <= float(alpha) <= 1.0:
+            raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        ctx = ctx or PassContext()
+        if is_quantized_graph(gm):
+            raise PreconditionError(
+                "smoothquant: the graph already holds Q/DQ nodes; run smoothquant before "
+                f"insert_qdq (passes so far: {', '.join(ctx.history) or 'none'})")
+        ctx.require_calibration("smoothquant")
+        from compiler.stats import ActivationStats
+
+        # decide
+        groups = ctx.analysis(ChannelGroupsAnalysis, gm)
+        sites = find_smoothing_sites(gm, groups)
+        todo = [s for s in sites if s.skip is None]
+        notes = [f"{s.site}: skipped, {s.skip}" for s in sites if s.skip is not None]
+        if not todo:
+            return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
+        table = ctx.analysis(ActivationStats, gm, sites=frozenset(s.site for s in todo),
+                             covariance=frozenset())
+        if any(table[s.site].absmax.shape[0] != s.channel_of.shape[0] for s in todo):
+            bad = next(s for s in todo if table[s.site].absmax.shape[0] != s.channel_of.shape[0])
+            raise PassError(f"smoothquant: site {bad.site}: statistics have "
+                            f"{table[bad.site].absmax.shape[0]} channels, consumers read "
+                            f"{bad.channel_of.shape[0]}")
+
+        # mutate. Later sites first: a site's consumers (v_proj, up_proj) may be a later
+        # site's producer, and their column maxima must be read after that site's fold, so a
+        # second run sees s = 1 everywhere.
+        plans = []
+        for s in reversed(todo):
+            wmax = torch.stack([ir.get_param(gm, ir.linear_parts(c)[1]).detach().abs()
+                                .amax(dim=0).to(torch.float64) for c in s.consumers]).amax(dim=0)
+            scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width,
+                                     self.alpha)
+            if (scale - 1).abs().max() <= UNIT_TOL:
+                continue  # already smooth (e.g. a second run)
+            fold_smoothing_scales(gm, s, scale)
+            plans.append((s, scale))
+            log.debug("smoothquant: %s: %d channels into %s (max s %.3g, min s %.3g)", s.site,
+                      s.width, ir.site(s.producer), scale.max(), scale.min())
+        if not plans:
+            return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
+        gm.recompile()
+        by_norm = sum(1 for s, _ in plans if not ir.is_op(s.producer, ir.LINEAR))
+        stats = {"sites_smoothed": len(plans), "folded_into_norms": by_norm,
+                 "folded_into_linears": len(plans) - by_norm, "sites_skipped": len(notes)}
+        log.info("smoothquant(alpha=%g): %d sites smoothed (%d into norms, %d into linears), "
+                 "%d skipped", self.alpha, len(plans), by_norm, len(plans) - by_norm, len(notes))
+        return PassResult(gm, True, frozenset({"channel_groups"}), stats, notes)
+
+
+__all__ = [
+    "SmoothQuant",
+    "SmoothingSite",
+    "find_smoothing_sites",
+    "fold_smoothing_scales",
+    "is_quantized_graph",
+    "smoothing_scales",
+    "trace_linear_producer",
+]
