@@ -106,6 +106,32 @@ def residual_group(gm: fx.GraphModule) -> ChannelGroup:
     return groups["residual"]
 
 
+def _stream_groups(gm: fx.GraphModule) -> list[ChannelGroup]:
+    """The ``residual`` group and the groups joined to it by SliceGPT shortcut linears.
+
+    A shortcut ``linear(x, M)`` on a skip path separates the channel spaces of its input and
+    output in the dependency graph, yet both are the residual stream (in different bases).
+    """
+    groups = build_channel_groups(gm)
+    if "residual" not in groups:
+        raise PreconditionError("no residual stream found (no embedding table writes a channel "
+                                "dim); is this a decoder-only LM graph?")
+    out = [groups["residual"]]
+    shortcuts = [n for n in ir.nodes_of(gm, ir.LINEAR)
+                 if n.meta.get("fxcompress_created_by") == "slicegpt"]
+    changed = True
+    while changed:
+        changed = False
+        for n in shortcuts:
+            target = str(n.args[1].target)
+            src = groups.group_of(target, 1)
+            dst = groups.group_of(target, 0)
+            if src in out and dst is not None and dst not in out:
+                out.append(dst)
+                changed = True
+    return out
+
+
 def residual_stream(gm: fx.GraphModule, group: ChannelGroup | None = None) -> ResidualStream:
     """Classify every node on the residual stream of a canonical graph.
 
@@ -120,11 +146,13 @@ def residual_stream(gm: fx.GraphModule, group: ChannelGroup | None = None) -> Re
         PassError: an op on the stream that is none of source, writer, add, norm, shape-only op
             or reader (named with its site).
     """
-    group = group or residual_group(gm)
-    op_nodes = {o.node for o in group.ops}
-    table_ops = {m.op for m in group.members if m.role == "table"}
-    writer_ops = {m.op for m in group.members if m.role == "out"}
-    reader_ops = {m.op for m in group.members if m.role == "in"}
+    groups = [group] if group is not None else _stream_groups(gm)
+    op_nodes = {o.node for g in groups for o in g.ops}
+    members = [m for g in groups for m in g.members]
+    table_ops = {m.op for m in members if m.role == "table"}
+    writer_ops = {m.op for m in members if m.role == "out"}
+    reader_ops = {m.op for m in members if m.role == "in"}
+    group = groups[0]
     on_stream = op_nodes | table_ops | writer_ops
     rs = ResidualStream(width=group.width)
     next_id = 0

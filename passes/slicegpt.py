@@ -190,10 +190,12 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
     d = rs.width
     q = {name: b[:, :width] for name, b in bases.items()}
     stats = dict.fromkeys(("tables", "writers", "readers", "shortcuts", "norms", "shape_ops"), 0)
-    done: set[str] = set()
+    # A parameter may be both a writer and a reader (a shortcut from an earlier rotation):
+    # each side is transformed once.
+    done: set[tuple[str, str]] = set()
 
-    def once(node: fx.Node) -> bool:
-        t = str(node.target)
+    def once(node: fx.Node, side: str) -> bool:
+        t = (str(node.target), side)
         if t in done:
             return False
         done.add(t)
@@ -203,23 +205,23 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
         w = src.args[0]
         if ir.param_node(w) is None:
             raise PassError(f"embedding {src.name} at {ir.site(src)}: table is not a parameter")
-        if once(w):
+        if once(w, "table"):
             _set(gm, w, ir.get_param(gm, w).double() @ q[keys[rs.stream[src]]])
             stats["tables"] += 1
     for wr in rs.writers:
         _, wn, bn = ir.linear_parts(wr)
         qk = q[keys[rs.stream[wr]]]
-        if once(wn):
+        if once(wn, "out"):
             _set(gm, wn, qk.T @ ir.get_param(gm, wn).double())  # W: [d, in] -> [k, in]
             stats["writers"] += 1
-        if ir.param_node(bn) is not None and once(bn):
+        if ir.param_node(bn) is not None and once(bn, "out"):
             _set(gm, bn, qk.T @ ir.get_param(gm, bn).double())
     scale = math.sqrt(d / width)
     for r in rs.readers:
         _, wn, _ = ir.linear_parts(r)
         s_in = rs.stream[r.args[0]]
         factor = scale if s_in in rs.norm_of_stream else 1.0
-        if once(wn):
+        if once(wn, "in"):
             _set(gm, wn, ir.get_param(gm, wn).double() @ q[keys[s_in]] * factor)  # W: [out, k]
             stats["readers"] += 1
     for add in rs.adds:
@@ -281,6 +283,11 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     width = d if sparsity is None else sliced_width(d, sparsity, round_to)
     keys = basis_keys(rs)
     bases, eig = residual_bases(gm, ctx, rs, basis)
+    if basis == "global":
+        # one basis everywhere: every add's operands agree, so no shortcut is needed
+        first = next(iter(bases))
+        keys = dict.fromkeys(keys, first)
+        bases, eig = {first: bases[first]}, {first: eig[first]}
     kept = {n: float(v[:width].clamp(min=0).sum() / v.clamp(min=0).sum()) for n, v in eig.items()}
     # mutate
     stats = rotate_residual(gm, rs, keys, bases, width)
