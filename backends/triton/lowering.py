@@ -403,11 +403,17 @@ def _int4_params(gm: fx.GraphModule, w: fx.Node):
 
 
 def _move_to(gm: fx.GraphModule, dev: torch.device) -> None:
-    # torch.export bakes the trace device into factory calls (arange, full, ...).
+    """Move parameters to ``dev`` and retarget the device constants torch.export baked into
+    factory and copy calls (``arange(..., device=cpu)``, ``to.device(x, cpu, ...)``)."""
     gm.to(dev)
+
+    def retarget(a):
+        return dev if isinstance(a, torch.device) else a
+
     for n in gm.graph.nodes:
-        if n.op == "call_function" and isinstance(n.kwargs.get("device"), torch.device):
-            n.kwargs = {**n.kwargs, "device": dev}
+        if n.op == "call_function":
+            n.args = fx.node.map_aggregate(n.args, retarget)
+            n.kwargs = fx.node.map_aggregate(n.kwargs, retarget)
 
 
 __all__ = ["OP_NAMES", "TritonLoweringStats", "check_device", "lower", "lower_for_triton",

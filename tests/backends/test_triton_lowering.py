@@ -171,3 +171,19 @@ def test_kernels_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
         check_device("cpu", use_kernels=True)
     with pytest.raises(TritonLaunchError, match="unsupported device"):
         check_device("meta", use_kernels=False)
+
+
+@pytest.mark.parametrize("scheme", ["w8a8_dynamic", "w4a16"])
+def test_moving_the_lowered_graph_retargets_baked_device_constants(scheme):
+    # The CUDA path moves parameters and the devices torch.export baked into arange/to calls;
+    # checked here with the meta device (every op, custom ones included, has a meta kernel).
+    from backends.triton.lowering import _move_to
+
+    low = lower(_qdq("llama", scheme))
+    _move_to(low, torch.device("meta"))
+    low.recompile()
+    out = low(torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 8, 256)
+    devices = {a.type for n in low.graph.nodes for a in (*n.args, *n.kwargs.values())
+               if isinstance(a, torch.device)}
+    assert devices == {"meta"}
