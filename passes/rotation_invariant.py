@@ -185,12 +185,14 @@ def residual_stream(gm: fx.GraphModule, group: ChannelGroup | None = None) -> Re
             rs.passes.append(n)
             rs.stream[n] = rs.stream[n.args[0]]
         else:
-            raise PassError(f"residual stream: op {n.name} ({ir.op_name(n)}) at {ir.site(n) or '<top>'}"
+            where = ir.site(n) or "<top>"
+            raise PassError(f"residual stream: op {n.name} ({ir.op_name(n)}) at {where}"
                             " is not a source, writer, residual add, norm or shape-only op; "
                             "cannot transform the stream through it")
     for r in rs.readers:
         if r.args[0] not in rs.stream:
-            raise PassError(f"residual stream: reader {ir.site(r)} does not read the stream directly")
+            raise PassError(f"residual stream: reader {ir.site(r)} does not read the stream "
+                            "directly")
     return rs
 
 
@@ -247,7 +249,8 @@ def _norm_params(n: fx.Node) -> tuple[fx.Node | None, fx.Node | None, float | No
     return g, b, eps
 
 
-def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = None) -> dict[str, int]:
+def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = None
+                            ) -> dict[str, int]:
     """Rewrite ``gm`` in place so that every residual norm is a gain-free ``rms_norm``.
 
     Args:

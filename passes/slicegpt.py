@@ -272,7 +272,9 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     if sparsity is None and gm.meta.get(_MARK):
         return PassResult.unchanged(gm, notes=["residual stream already rotated by slicegpt"])
     params_before = ir.count_params(gm)
-    probe = ctx.probe_inputs if ctx.probe_inputs is not None else torch.zeros(2, 8, dtype=torch.long)
+    probe = ctx.probe_inputs
+    if probe is None:
+        probe = torch.zeros(2, 8, dtype=torch.long)
     pre = {}
     if not is_rotation_invariant(gm):
         pre = make_rotation_invariant(gm, probe=probe)
@@ -300,8 +302,9 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     stats.update(hidden_before=d, hidden_after=width, bases=len(set(keys.values())),
                  params_before=params_before, params_after=ir.count_params(gm),
                  min_variance_kept=round(min(kept.values()), 4))
-    notes = [f"{name}: {width}/{d} directions keep {frac:.2%} of the variance"
-             for name, frac in kept.items()] if width != d else []
+    where = {n.name: ir.site(n) or n.name for n in rs.norms}
+    notes = [f"stream read by {where.get(name, name)}: {width}/{d} directions keep "
+             f"{frac:.2%} of the variance" for name, frac in kept.items()] if width != d else []
     log.info("%s: hidden %d -> %d, %d bases, %d shortcuts, params %d -> %d", who, d, width,
              stats["bases"], stats["shortcuts"], params_before, stats["params_after"])
     return PassResult(gm, True, frozenset(), stats, notes)
