@@ -61,7 +61,8 @@ def _prepared(model) -> torch.fx.GraphModule:
     return gm
 
 
-def quality(sparsities: list[float], round_to: int) -> tuple[list[dict], dict]:
+def quality(sparsities: list[float], global_sparsities: list[float], round_to: int
+            ) -> tuple[list[dict], dict]:
     from transformers import AutoConfig, LlamaForCausalLM
 
     sdir = stories260k_dir()
@@ -85,12 +86,14 @@ def quality(sparsities: list[float], round_to: int) -> tuple[list[dict], dict]:
     t = time.perf_counter()
     SliceGPTRotate().run(g, ctx)
     row("slicegpt_rotate (exact)", g, 64, ir.count_params(g), time.perf_counter() - t)
-    for s in sparsities:
+    variants = [(s, "per_norm") for s in sparsities] + [(s, "global") for s in global_sparsities]
+    for s, basis in variants:
         g = copy.deepcopy(base)
         t = time.perf_counter()
-        res = SliceGPT(sparsity=s, round_to=round_to).run(g, ctx)
-        row(f"slicegpt(sparsity={s})", g, res.stats["hidden_after"], res.stats["params_after"],
-            time.perf_counter() - t)
+        res = SliceGPT(sparsity=s, round_to=round_to, basis=basis).run(g, ctx)
+        extra = ", basis=global" if basis == "global" else ""
+        row(f"slicegpt(sparsity={s}{extra})", g, res.stats["hidden_after"],
+            res.stats["params_after"], time.perf_counter() - t)
     torch.manual_seed(0)
     rnd = LlamaForCausalLM(AutoConfig.from_pretrained(sdir)).eval()
     rnd_g = trace(rnd)
@@ -101,8 +104,8 @@ def quality(sparsities: list[float], round_to: int) -> tuple[list[dict], dict]:
     return rows, meta
 
 
-def speed(sparsities: list[float], seqs: list[int], warmup: int, runs: int, work: Path
-          ) -> tuple[list[dict], dict]:
+def speed(sparsities: list[float], global_sparsities: list[float], seqs: list[int], warmup: int,
+          runs: int, work: Path) -> tuple[list[dict], dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backends.ort_quant import strip_debug_metadata
@@ -118,14 +121,15 @@ def speed(sparsities: list[float], seqs: list[int], warmup: int, runs: int, work
     base = _prepared(model)
     del model
     ctx = PassContext(calibration=calib)
-    for s in sparsities:
-        name = f"slicegpt {round(s * 100)}%"
+    variants = [(s, "per_norm") for s in sparsities] + [(s, "global") for s in global_sparsities]
+    for s, basis in variants:
+        name = f"slicegpt {round(s * 100)}%" + (" (global basis)" if basis == "global" else "")
         gm = copy.deepcopy(base)
         t = time.perf_counter()
-        res = SliceGPT(sparsity=s, round_to=8).run(gm, ctx)
+        res = SliceGPT(sparsity=s, round_to=8, basis=basis).run(gm, ctx)
         info[name] = {"params": res.stats["params_after"], "width": res.stats["hidden_after"],
                       "pass_s": time.perf_counter() - t}
-        paths[name] = export_onnx(gm, work / f"slicegpt_{round(s * 100)}.onnx")
+        paths[name] = export_onnx(gm, work / f"slicegpt_{round(s * 100)}_{basis}.onnx")
         del gm
         gc.collect()
     for p in paths.values():
@@ -185,6 +189,8 @@ def render(qrows, qmeta, srows, smeta) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.25, 0.3, 0.5])
+    ap.add_argument("--global-sparsities", type=float, nargs="*", default=[0.25],
+                    help="also run these with one global basis (no shortcut matrices)")
     ap.add_argument("--quality-round-to", type=int, default=1)
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
@@ -197,10 +203,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     qrows, qmeta, srows, smeta = [], {}, [], {}
     if not args.skip_quality:
-        qrows, qmeta = quality(args.sparsities, args.quality_round_to)
+        qrows, qmeta = quality(args.sparsities, args.global_sparsities,
+                               args.quality_round_to)
     if not args.skip_speed:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            srows, smeta = speed(args.sparsities, args.seq, args.warmup, args.runs, Path(tmp))
+            srows, smeta = speed(args.sparsities, args.global_sparsities, args.seq, args.warmup,
+                                 args.runs, Path(tmp))
     text = render(qrows, qmeta, srows, smeta)
     if args.out:
         args.out.write_text(text + "\n")

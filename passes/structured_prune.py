@@ -202,7 +202,7 @@ class StructuredPrune(Pass):
         self.prune_mlp = prune_mlp
         self.prune_hidden = prune_hidden
         self.attention_unit = attention_unit
-        self.skip_layers = sorted(set(skip_layers))
+        self.skip_layers = tuple(sorted(set(skip_layers)))
         self.round_to = round_to
         self.max_batches = max_batches
 
