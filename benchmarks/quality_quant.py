@@ -1,0 +1,120 @@
+"""Perplexity of quantization pipelines on stories260K and on its outlier variant (BENCHMARKS.md).
+
+Protocol (``shared/BENCHMARKS.md``): stories260K, TinyStories evaluation half, 256 windows of
+``[BOS] + 255`` tokens (65,280 scored tokens); calibration 128 x 256 windows from the
+calibration half, seed 0. Every variant starts from the same traced, canonicalized graph and is
+evaluated as an fx graph in fp32 (Q/DQ simulated by the ``quantized_decomposed`` ops).
+
+Outlier variant: :func:`compiler.testing.make_outlier_model` (channels 3, 17, 42 of every norm
+output x50, consumers' columns / 50; function-preserving, so its fp32 perplexity is the same).
+
+Pipelines:
+
+- ``fp32``: nothing;
+- ``w8a8``: ``insert_qdq(scheme=w8a8)`` (int8 per-channel weights, static per-tensor int8
+  activations);
+- ``w8a8_dynamic``: per-token activations;
+- ``smoothquant+w8a8``: ``smoothquant(alpha=0.5)`` then ``w8a8``;
+- ``rptq+cluster_w8a8``: ``rptq_reorder(clusters=4)`` then ``insert_qdq_clusters`` (one static
+  activation scale per contiguous cluster of channels);
+- ``w4a16``: int4 group-wise weights (group 32: stories260K's widths, 64 and 172, are not
+  divisible by 128; 172 is not divisible by 32 either, so ``down_proj`` is excluded with a
+  note), float activations.
+
+Run: ``python benchmarks/quality_quant.py [--windows 256] [--out results.md]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compiler.data import calibration_batches, evaluation_windows, stories260k_dir
+from compiler.evaluate import perplexity
+from compiler.frontend import load_model, trace
+from compiler.pass_base import PassContext
+from compiler.testing import make_outlier_model
+from passes.canonicalize import canonicalize
+from passes.insert_qdq import InsertQDQ
+from passes.smoothquant import SmoothQuant
+
+log = logging.getLogger("quality_quant")
+
+
+def pipelines() -> dict[str, list]:
+    """Name -> list of pass objects (fresh each call)."""
+    from passes.rptq import InsertQDQClusters, RPTQReorder
+
+    return {
+        "fp32": [],
+        "w8a8": [InsertQDQ(scheme="w8a8")],
+        "w8a8_dynamic": [InsertQDQ(scheme="w8a8_dynamic")],
+        "smoothquant+w8a8": [SmoothQuant(alpha=0.5), InsertQDQ(scheme="w8a8")],
+        "rptq+cluster_w8a8": [RPTQReorder(clusters=4), InsertQDQClusters()],
+        "w4a16": [InsertQDQ(scheme="w4a16", group_size=32, exclude=["*down_proj"])],
+    }
+
+
+def run_pipeline(gm, passes, calib) -> torch.fx.GraphModule:
+    """Run ``passes`` on a copy of ``gm`` with one context (analyses are recomputed per pass)."""
+    gm = copy.deepcopy(gm)
+    for p in passes:
+        ctx = PassContext(calibration=calib)
+        p.run(gm, ctx)
+    return gm
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--windows", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--only", nargs="*", default=None, help="pipeline names to run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+
+    model_dir = stories260k_dir()
+    base = canonicalize(trace(load_model(model_dir)))
+    outlier = make_outlier_model(copy.deepcopy(base))
+    windows = evaluation_windows("tinystories", model_dir, args.windows)
+    calib = calibration_batches("tinystories", model_dir, n=args.calib)
+    names = [n for n in pipelines() if args.only is None or n in args.only]
+    rows = []
+    for variant, gm0 in (("stories260K", base), ("stories260K outliers x50", outlier)):
+        ref = None
+        for name in names:
+            t0 = time.perf_counter()
+            gm = run_pipeline(gm0, pipelines()[name], calib)
+            ppl = perplexity(gm, windows, progress=False).ppl
+            ref = ppl if name == "fp32" else ref
+            rel = "" if ref is None or name == "fp32" else f"{100 * (ppl / ref - 1):+.2f}%"
+            rows.append((variant, name, ppl, rel, time.perf_counter() - t0))
+            log.warning("%s %s: %.4f %s", variant, name, ppl, rel)
+    lines = [
+        (f"stories260K perplexity, TinyStories eval half, {args.windows} x 256 windows "
+         f"({args.windows * 255} scored tokens); calibration {args.calib} x 256 (seed 0). "
+         f"{platform.processor() or platform.machine()}, torch {torch.__version__}."),
+        "",
+        "| model | pipeline | perplexity | vs fp32 |",
+        "|---|---|---:|---:|",
+    ]
+    lines += [f"| {v} | {n} | {p:.4f} | {r or '-'} |" for v, n, p, r, _ in rows]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
