@@ -24,6 +24,11 @@ Skipped, with a note: groups whose members disagree in in-features or dtype, or 
 bias is not a parameter. A single linear per input is simply not a candidate (no note): GPT-2's
 ``c_attn`` and phi3's ``qkv_proj`` are already fused, so there only gated MLPs (phi3: none) fuse.
 
+Rules are a declarative table (:data:`RULES`: name, identity, check, rewrite) rather than
+patterns traced with torch.export: the pattern is n-ary (any number of linears sharing one input,
+2 for gate/up, 3 for q/k/v, more for other models) and the rewrite makes a new parameter, neither
+of which a fixed traced pattern expresses.
+
 Preconditions: ``canonical`` (linears as ``aten.linear``); no Q/DQ nodes yet (fuse *before*
 ``insert_qdq``: per-channel weight scales then cover the fused rows, and the one activation
 quantizer is shared by construction). Raises ``PreconditionError`` on a quantized graph.
