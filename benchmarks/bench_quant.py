@@ -15,14 +15,19 @@ Variants (all exported from the same traced, canonicalized graph):
 - ``w8a8`` / ``w8a8_dynamic`` / ``w4a16``: ``InsertQDQ`` then ``backends.ort_quant`` lowering,
   LM head and embeddings quantized too (as ``quantize_dynamic`` does); ``w4a16_acc4`` is the
   same W4A16 graph lowered with ``MatMulNBits`` accuracy_level 4 (int8 compute inside the
-  kernel: faster, but activations are then quantized, so not A16 numerics).
+  kernel: faster, but activations are then quantized, so not A16 numerics);
+- ``smoothquant+w8a8``: ``SmoothQuant(alpha=0.5)`` (exact, folded into weights) then ``w8a8``:
+  the same kernels as ``w8a8``, so the same speed is expected;
+- ``rptq+cluster_w8a8``: ``RPTQReorder(clusters=4)`` then ``InsertQDQClusters`` (one
+  ``MatMulIntegerToFloat`` per cluster, summed) and ``InsertQDQ`` for the embedding table.
 
 ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens, 3 warm-ups then the median of
 15 runs, variants interleaved (A B C A B C ...) in one process. Size: graph + external data;
 the exporter's per-node debug metadata is stripped from every file we export (fp32 included)
 so sizes compare weights, not stack traces.
 
-Run: ``python benchmarks/bench_quant.py [--seq 128 512] [--out results.md] [--workdir DIR]``.
+Run: ``python benchmarks/bench_quant.py [--seq 128 512] [--out results.md] [--workdir DIR]
+[--ours w8a8 smoothquant+w8a8 ...] [--no-ort-static]``.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ OURS = {
     "w4a16": {"scheme": "w4a16", "group_size": 128},
     # MatMulNBits' int8-compute path: activations quantized inside the kernel (not A16 numerics)
     "w4a16_acc4": {"scheme": "w4a16", "group_size": 128, "accuracy_level": 4},
+    "smoothquant+w8a8": {"scheme": "w8a8", "smoothquant": 0.5},
+    "rptq+cluster_w8a8": {"scheme": "w8a8", "rptq": 4},
 }
 
 
@@ -83,16 +90,33 @@ def calibration(n: int, seq: int) -> list[torch.Tensor]:
     return [torch.randint(0, CONFIG["vocab_size"], (1, seq), generator=g) for _ in range(n)]
 
 
-def export_ours(gm, calib, work: Path, timings: dict) -> dict[str, Path]:
+def export_ours(gm, calib, work: Path, timings: dict, names=None) -> dict[str, Path]:
+    from passes.rptq import InsertQDQClusters, RPTQReorder
+    from passes.smoothquant import SmoothQuant
+
     paths = {}
     for name, opts in OURS.items():
+        if names is not None and name not in names:
+            continue
         opts = dict(opts)
         level = opts.pop("accuracy_level", 0)
+        alpha = opts.pop("smoothquant", None)
+        clusters = opts.pop("rptq", None)
         g = copy.deepcopy(gm)
         t = time.perf_counter()
+        ctx = PassContext(calibration=calib)
+        if alpha is not None:
+            res = SmoothQuant(alpha=alpha).run(g, ctx)
+            log.info("%s: smoothquant %s", name, res.stats)
+        if clusters is not None:
+            res = RPTQReorder(clusters=clusters).run(g, ctx)
+            log.info("%s: rptq_reorder %s", name, res.stats)
+            res = InsertQDQClusters(quantize_lm_head=True).run(g, PassContext(calibration=calib))
+            log.info("%s: insert_qdq_clusters %s", name, res.stats)
+        # with rptq the linears are already quantized: this quantizes the embedding table
         res = InsertQDQ(quantize_lm_head=True, quantize_embeddings=True, **opts).run(
             g, PassContext(calibration=calib))
-        timings[f"{name}: insert_qdq (s)"] = round(time.perf_counter() - t, 1)
+        timings[f"{name}: passes (s)"] = round(time.perf_counter() - t, 1)
         log.info("%s: %s", name, res.stats)
         t = time.perf_counter()
         paths[name] = export_quantized_onnx(g, work / f"{name}.onnx", strip_metadata=True,
@@ -104,7 +128,7 @@ def export_ours(gm, calib, work: Path, timings: dict) -> dict[str, Path]:
 
 
 def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
-                         static_batches: int) -> dict[str, Path]:
+                         static_batches: int, with_static: bool = True) -> dict[str, Path]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -118,6 +142,8 @@ def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
     out["ort_dynamic"] = work / "ort_dynamic.onnx"
     quantize_dynamic(str(fp32), str(out["ort_dynamic"]), weight_type=QuantType.QInt8)
     timings["ort_dynamic: quantize (s)"] = round(time.perf_counter() - t, 1)
+    if not with_static:
+        return out
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -213,6 +239,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ort-static-calib", type=int, default=4,
                     help="calibration batches (1 x 512) given to ORT quantize_static")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--ours", nargs="+", default=None, choices=list(OURS),
+                    help="only these of our variants (default: all)")
+    ap.add_argument("--no-ort-static", action="store_true",
+                    help="skip ORT's quantize_static baseline (slow calibration)")
     ap.add_argument("--smoke", action="store_true",
                     help="a 2-layer hidden-256 model, to check the script end to end quickly")
     ap.add_argument("--out", type=Path, default=None, help="write the table (markdown) here")
@@ -240,8 +270,8 @@ def main(argv=None) -> int:
     strip_debug_metadata(paths["fp32"])
     timings["fp32: export (s)"] = round(time.perf_counter() - t, 1)
     paths.update(export_ort_baselines(paths["fp32"], calib, work, timings,
-                                              args.ort_static_calib))
-    paths.update(export_ours(gm, calib, work, timings))
+                                      args.ort_static_calib, not args.no_ort_static))
+    paths.update(export_ours(gm, calib, work, timings, args.ours))
     del gm
     gc.collect()
 
