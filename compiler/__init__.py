@@ -1,5 +1,6 @@
 """fxcompress compiler core: tracing, IR helpers, analyses, the pass manager and compile()."""
 
+from compiler.api import CompiledModel, compile, load
 from compiler.errors import (
     ArtifactError,
     DataError,
@@ -10,13 +11,25 @@ from compiler.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from compiler.api import CompiledModel, compile, load
 from compiler.frontend import load_model, trace
 from compiler.pass_base import Analysis, Pass, PassContext, PassResult
 
 __all__ = [
-    "CompiledModel", "compile", "load",
-    "Analysis", "ArtifactError", "DataError", "FxCompressError", "Pass", "PassContext",
-    "PassError", "PassResult", "PipelineError", "PreconditionError", "UnsupportedModelError",
-    "VerificationError", "load_model", "trace",
+    "Analysis",
+    "ArtifactError",
+    "CompiledModel",
+    "DataError",
+    "FxCompressError",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassResult",
+    "PipelineError",
+    "PreconditionError",
+    "UnsupportedModelError",
+    "VerificationError",
+    "compile",
+    "load",
+    "load_model",
+    "trace",
 ]

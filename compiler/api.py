@@ -17,11 +17,12 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from compiler import ir
 from compiler.errors import ArtifactError, DataError, FxCompressError
@@ -120,7 +121,7 @@ class CompiledModel:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CompiledModel":
+    def load(cls, directory: str | os.PathLike) -> CompiledModel:
         """Load an artifact written by :meth:`save`, checking sizes and hashes first.
 
         Raises:
@@ -342,4 +343,4 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     return CompiledModel.load(directory)
 
 
-__all__ = ["CompiledModel", "compile", "load", "FxCompressError"]
+__all__ = ["CompiledModel", "FxCompressError", "compile", "load"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 
-import torch.fx as fx
+from torch import fx
 
 from compiler import ir
 
@@ -65,7 +65,7 @@ def render_blocks(gm: fx.GraphModule, top_ops: int = 8) -> str:
     lines = [f"{'block':<7} {'params':>10}  ops", f"{'-' * 7} {'-' * 10}  ---"]
     for r in rows:
         ops = ", ".join(f"{k} {v}" for k, v in Counter(r["ops"]).most_common(top_ops))
-        lines.append(f"{str(r['block']):<7} {r['params']:>10,}  {ops}")
+        lines.append(f"{r['block']!s:<7} {r['params']:>10,}  {ops}")
     total = ir.count_params(gm)
     lines.append(f"total params {total:,}; nodes {len(gm.graph.nodes)}")
     return "\n".join(lines)

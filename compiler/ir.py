@@ -8,10 +8,10 @@ never by fx node names, which change from trace to trace.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from compiler.errors import PassError
 

@@ -16,11 +16,12 @@ Properties are plain strings. The ones in use:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, ClassVar
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class PassResult:
     notes: list[str] = field(default_factory=list)
 
     @classmethod
-    def unchanged(cls, gm: fx.GraphModule, notes: Iterable[str] = (), **stats) -> "PassResult":
+    def unchanged(cls, gm: fx.GraphModule, notes: Iterable[str] = (), **stats) -> PassResult:
         return cls(gm, False, ALL, dict(stats), list(notes))
 
 
@@ -69,7 +70,7 @@ class Pass:
     #: properties the pass destroys
     destroys: ClassVar[frozenset[str]] = frozenset()
 
-    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
     def options(self) -> dict[str, Any]:
@@ -99,7 +100,7 @@ class Analysis:
     name: ClassVar[str] = ""
 
     @classmethod
-    def compute(cls, gm: fx.GraphModule, ctx: "PassContext", **key) -> Any:
+    def compute(cls, gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
         raise NotImplementedError
 
 
@@ -111,7 +112,7 @@ class AnalysisManager:
         self.hits = 0
         self.misses = 0
 
-    def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: "PassContext", **key) -> Any:
+    def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
         k = (analysis.name, tuple(sorted(key.items())))
         if k in self._cache:
             self.hits += 1

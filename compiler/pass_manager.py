@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from compiler import ir
 from compiler.errors import FxCompressError, PipelineError, PreconditionError, VerificationError

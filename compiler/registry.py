@@ -9,15 +9,16 @@ from __future__ import annotations
 import ast
 import difflib
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from compiler.errors import PipelineError
 from compiler.pass_base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
 
-_SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.S)
+_SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
 
 def register(cls: type[Pass]) -> type[Pass]:

@@ -52,7 +52,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=2, default=str)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         return cls(
             records=[PassRecord(**r) for r in d.get("records", [])],
             model=d.get("model", ""),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from compiler import ir
 from compiler.pass_base import Pass, PassContext, PassResult
@@ -254,5 +254,11 @@ def untie_embeddings(gm: fx.GraphModule) -> int:
     return len(todo)
 
 
-__all__ = ["Canonicalize", "canonicalize", "remove_identity_ops", "raise_rms_norms",
-           "convert_conv1d", "untie_embeddings"]
+__all__ = [
+    "Canonicalize",
+    "canonicalize",
+    "convert_conv1d",
+    "raise_rms_norms",
+    "remove_identity_ops",
+    "untie_embeddings",
+]

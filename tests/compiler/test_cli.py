@@ -1,6 +1,5 @@
 """The fxcompress command line: compile, inspect, eval, passes, and error reporting."""
 
-import pytest
 
 from compiler.cli import main
 from tests.conftest import STORIES, needs_stories

@@ -7,7 +7,7 @@ import torch
 
 from compiler import ir
 from compiler.errors import PipelineError, PreconditionError, VerificationError
-from compiler.pass_base import Analysis, PassContext, PassResult, Pass
+from compiler.pass_base import Analysis, Pass, PassContext, PassResult
 from compiler.pass_manager import DumpIR, PassManager, validate_order
 from passes.canonicalize import Canonicalize
 from tests.conftest import tiny_graph
