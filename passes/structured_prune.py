@@ -296,10 +296,11 @@ class StructuredPrune(Pass):
                 d.kept = list(range(d.num_units))
         return PruneDecision({d.group: d for _, d in cands}, notes, prunable)
 
-    def _candidate(self, gm: fx.GraphModule, g: ChannelGroup, notes: list[str]) -> GroupDecision | None:
-        if g.kind == "attn_heads" and self.prune_attention or g.kind == "mlp" and self.prune_mlp or g.kind == "residual" and self.prune_hidden:
-            pass
-        else:
+    def _candidate(self, gm: fx.GraphModule, g: ChannelGroup, notes: list[str]
+                   ) -> GroupDecision | None:
+        wanted = {"attn_heads": self.prune_attention, "mlp": self.prune_mlp,
+                  "residual": self.prune_hidden}
+        if not wanted.get(g.kind, False):
             return None
         block = _block_of(g)
         if block is not None and block in self.skip_layers and g.kind != "residual":
@@ -362,7 +363,8 @@ class StructuredPrune(Pass):
             raise PassError(f"structured_prune: round_to={self.round_to} asks for kept widths of "
                             f"{step} {d.unit} units but {d.group} has only {d.num_units}")
         rounded = max(step, round(keep / step) * step)
-        return min(rounded, d.num_units - d.num_units % step) if rounded < d.num_units else keep
+        # rounding up past the group's width keeps it whole (the original width is allowed)
+        return min(rounded, d.num_units)
 
     def _select_layer(self, d: GroupDecision) -> None:
         n_remove = round(self.ratio * d.num_units)
@@ -393,7 +395,7 @@ class StructuredPrune(Pass):
             done += d.unit_cost
         for gi, (_, d) in enumerate(cands):
             keep = self._round_keep(d, d.num_units - removed[gi])
-            if keep == d.num_units - removed[gi] and keep <= max(1, self._step(d)) and removed[gi]:
+            if removed[gi] and keep <= max(1, self._step(d)):
                 notes.append(f"{d.group}: global ranking kept only the minimum of {keep} {d.unit}")
             _keep_top(d, keep)
 
@@ -494,7 +496,8 @@ def lm_loss_gradients(gm: fx.GraphModule, batches: Sequence[torch.Tensor], targe
     params = {t: ir.get_param(gm, t) for t in targets}
     flags = {t: p.requires_grad for t, p in params.items()}
     grads = {t: torch.zeros_like(p, dtype=torch.float32) for t, p in params.items()}
-    fis = {t: torch.zeros_like(p, dtype=torch.float32) for t, p in params.items()} if fisher else None
+    fis = ({t: torch.zeros_like(p, dtype=torch.float32) for t, p in params.items()}
+           if fisher else None)
     it = batches
     if progress:
         from tqdm.auto import tqdm

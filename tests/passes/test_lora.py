@@ -36,7 +36,8 @@ def _mean_loss(fn, batches) -> float:
 def test_merge_is_exact_against_the_adapter_graph(probe_ids):
     gm = canonicalize(tiny_graph("llama"))
     sites, _ = lora_sites(gm)
-    adapters = init_adapters(gm, sites, rank=4, alpha=8.0, generator=torch.Generator().manual_seed(0))
+    adapters = init_adapters(gm, sites, rank=4, alpha=8.0,
+                             generator=torch.Generator().manual_seed(0))
     train_adapters(gm, adapters, _calib(), steps=3, lr=1e-2)
     assert any(a.B.abs().sum() > 0 for a in adapters)
     with torch.no_grad():

@@ -206,7 +206,8 @@ def test_hidden_dim_pruning_matches_a_model_built_at_the_smaller_width(probe_ids
         if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
                           "up_proj.weight", "lm_head.weight")):
             w = w[:, keep]
-        elif name.endswith(("o_proj.weight", "down_proj.weight", "norm.weight", "layernorm.weight")):
+        elif name.endswith(("o_proj.weight", "down_proj.weight", "norm.weight",
+                            "layernorm.weight")):
             w = w[keep]
         elif name.endswith("embed_tokens.weight"):
             w = w[:, keep]
