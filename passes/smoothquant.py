@@ -11,8 +11,9 @@ the multiplication into the columns of every linear that *reads* ``X``:
 - ``X`` is reached from a linear's output through ops that are linear (or positively
   homogeneous) in each channel: views/transposes/GQA repeats, the ``v`` operand of
   ``scaled_dot_product_attention`` (the output is a per-(head, head_dim) linear function of v),
-  one factor of an elementwise product (``silu(gate) * up``: scale ``up``), ``relu``: that
-  linear's rows and bias ``/= s``. Which producer row holds which consumer column comes from the
+  one factor of an elementwise product (``silu(gate) * up``: scale ``up``), ``relu``, a slice
+  or split of a fused output's last dim (``qkv_proj``, ``gate_up_proj``, GPT-2's ``c_attn``:
+  only the rows of that part): that linear's rows and bias ``/= s``. Which producer row holds which consumer column comes from the
   channel dependency graph (:mod:`compiler.depgraph`): positions agree on every leaf axis
   (``kv_heads x v_head_dim``), and a broadcast axis (GQA's ``q_per_kv``) shares one scale.
 
