@@ -82,6 +82,23 @@ class CompiledModel:
 
         return export_onnx(self.graph_module, path, **kwargs)
 
+    def lower(self, backend: str = "triton", **kwargs: Any) -> fx.GraphModule:
+        """Lower to a kernel backend; returns a lowered copy callable as ``input_ids -> logits``.
+
+        ``backend="triton"``: Q/DQ patterns become ``fxcompress::*`` custom ops (W8A8 GEMM with
+        fused scales, W4A16 group-wise GEMM, fused RMSNorm + quantize) that run the Triton
+        kernels on CUDA and the torch references on CPU (``use_kernels=True`` runs the kernels
+        under ``TRITON_INTERPRET=1``). Options: ``device``, ``use_kernels``, ``fuse_norms``.
+
+        Raises:
+            ValueError: unknown backend. TritonLaunchError: CUDA asked for and absent.
+        """
+        if backend == "triton":
+            from backends.triton.lowering import lower as triton_lower
+
+            return triton_lower(self, **kwargs)
+        raise ValueError(f"unknown backend {backend!r} (known: triton; ONNX Runtime: export_onnx)")
+
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save the compiled artifact to ``directory`` atomically (program, report, manifest)."""
         directory = Path(directory)

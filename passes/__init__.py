@@ -5,9 +5,11 @@
 
 from compiler.registry import load_recipe, make_pass, make_passes, register, registered
 from passes.canonicalize import Canonicalize
+from passes.fuse_linears import FuseLinears
 from passes.insert_qdq import InsertQDQ
+from passes.simplify_mask import SimplifyMask
 
-for _cls in (Canonicalize, InsertQDQ):
+for _cls in (Canonicalize, FuseLinears, InsertQDQ, SimplifyMask):
     register(_cls)
 
-__all__ = ["Canonicalize", "InsertQDQ", "load_recipe", "make_pass", "make_passes", "register", "registered"]
+__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "SimplifyMask", "load_recipe", "make_pass", "make_passes", "register", "registered"]

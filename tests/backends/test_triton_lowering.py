@@ -187,3 +187,14 @@ def test_moving_the_lowered_graph_retargets_baked_device_constants(scheme):
     devices = {a.type for n in low.graph.nodes for a in (*n.args, *n.kwargs.values())
                if isinstance(a, torch.device)}
     assert devices == {"meta"}
+
+
+def test_compiled_model_lower_triton_runs_and_rejects_unknown_backends(calib_batches, probe_ids):
+    import compiler
+
+    cm = compiler.compile(tiny_model("llama"), ["insert_qdq(scheme=w8a8_dynamic)"])
+    lowered = cm.lower("triton")
+    with torch.no_grad():
+        assert float((lowered(probe_ids) - cm(probe_ids)).abs().max()) <= 1e-2
+    with pytest.raises(ValueError, match="unknown backend 'tvm'"):
+        cm.lower("tvm")
