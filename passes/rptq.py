@@ -290,7 +290,7 @@ class InsertQDQClusters(Pass):
         spec = WeightQuantSpec(8, None, True)
         act_cache: dict[tuple, fx.Node] = {}
         slices = 0
-        for n, s, offsets, scales in plans:
+        for n, _site, offsets, scales in plans:
             slices += _split_linear(gm, n, offsets, scales, spec, act, act_cache)
         gm.graph.eliminate_dead_code()
         removed = ir.remove_unused_attrs(gm)
