@@ -7,9 +7,13 @@ from compiler.registry import load_recipe, make_pass, make_passes, register, reg
 from passes.canonicalize import Canonicalize
 from passes.fuse_linears import FuseLinears
 from passes.insert_qdq import InsertQDQ
+from passes.rptq import InsertQDQClusters, RPTQReorder
 from passes.simplify_mask import SimplifyMask
+from passes.smoothquant import SmoothQuant
 
-for _cls in (Canonicalize, FuseLinears, InsertQDQ, SimplifyMask):
+for _cls in (Canonicalize, FuseLinears, InsertQDQ, InsertQDQClusters, RPTQReorder, SimplifyMask,
+             SmoothQuant):
     register(_cls)
 
-__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "SimplifyMask", "load_recipe", "make_pass", "make_passes", "register", "registered"]
+__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "InsertQDQClusters", "RPTQReorder",
+           "SimplifyMask", "SmoothQuant", "load_recipe", "make_pass", "make_passes", "register", "registered"]
