@@ -32,8 +32,8 @@ def test_demo_runs_end_to_end_on_stories260k(tmp_path, capsys):
 
     assert run_demo(out=tmp_path / "demo", quiet=True) == 0
     printed = capsys.readouterr().out
-    assert "stories260K" in printed and "onnxruntime" in printed and "agree within" in printed
-    assert (tmp_path / "demo" / "model.onnx").is_file()
+    assert "stories260K" in printed and "w8a8+smoothquant" in printed and "\nok:" in printed
+    assert (tmp_path / "demo" / "fp32" / "model.onnx").is_file()
 
 
 def test_demo_falls_back_to_a_tiny_model_without_data(tmp_path, capsys, monkeypatch):
@@ -42,4 +42,4 @@ def test_demo_falls_back_to_a_tiny_model_without_data(tmp_path, capsys, monkeypa
     monkeypatch.setenv("FXCOMPRESS_DATA", str(tmp_path / "no-data-here"))
     assert run_demo(data_dir=str(tmp_path / "no-data-here"), out=tmp_path / "demo", quiet=True) == 0
     printed = capsys.readouterr().out
-    assert "shared data not found" in printed and "perplexity is skipped" in printed
+    assert "shared data not found" in printed and "perplexity are skipped" in printed
