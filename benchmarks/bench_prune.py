@@ -18,7 +18,9 @@ Protocol (``shared/BENCHMARKS.md``):
   on which channels go); ONNX Runtime CPU EP, ``intra_op_num_threads=2``, batch 1 x 128 tokens,
   3 warm-ups, median of 15, variants interleaved in one process.
 
-Run: ``python benchmarks/bench_prune.py [--part quality|speed|all] [--out results.md]``.
+Run: ``python benchmarks/bench_prune.py [--part quality|speed|all] [--out results.md]``
+(``--part speed --workdir DIR --reuse-onnx`` re-times the exports of an earlier run: latency is
+sensitive to other load on a 2-core machine, so re-time on a quiet one).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -126,7 +129,7 @@ def render_quality(q: dict) -> str:
 def speed(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from backends.onnxruntime import ORTModel, export_onnx
+    from backends.onnxruntime import export_onnx
     from compiler.frontend import trace
 
     torch.manual_seed(0)
@@ -136,7 +139,11 @@ def speed(args) -> dict:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prune_"))
     work.mkdir(parents=True, exist_ok=True)
     paths, params, shapes = {}, {}, {}
-    paths["dense"] = export_onnx(base, work / "dense.onnx")
+    def export(gm, path: Path) -> Path:
+        # --reuse-onnx: re-time existing files of an earlier run (same seed, same variants)
+        return path if args.reuse_onnx and path.is_file() else export_onnx(gm, path)
+
+    paths["dense"] = export(base, work / "dense.onnx")
     params["dense"] = ir.count_params(base)
     shapes["dense"] = _block_shapes(base)
     for ratio in args.ratios:
@@ -145,28 +152,44 @@ def speed(args) -> dict:
         name = f"pruned {ratio:.0%}"
         params[name] = ir.count_params(gm)
         shapes[name] = _block_shapes(gm)
-        paths[name] = export_onnx(gm, work / f"pruned_{int(ratio * 100)}.onnx")
+        paths[name] = export(gm, work / f"pruned_{int(ratio * 100)}.onnx")
         del gm
         gc.collect()
     del base
     gc.collect()
-    sessions = {k: ORTModel(p, threads=2) for k, p in paths.items()}
-    ids = torch.randint(0, SPEED_CONFIG["vocab_size"], (1, args.seq),
-                        generator=torch.Generator().manual_seed(2)).numpy()
-    feeds = {k: {s.input_names[0]: ids} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(args.warmup):
-            s.session.run(None, feeds[k])
-    times = {k: [] for k in sessions}
-    for _ in range(args.runs):  # interleaved: machine drift hits every variant alike
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.session.run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
+    # Time in a fresh process: after tracing and exporting, this process runs ORT ~1.4x slower
+    # (allocator and thread-pool state), which would blur the ratios.
+    cmd = [sys.executable, __file__, "--time-files", *(f"{k}={p}" for k, p in paths.items()),
+           "--seq", str(args.seq), "--warmup", str(args.warmup), "--runs", str(args.runs)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    times = json.loads(out.strip().splitlines()[-1])
     med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     return {"median_ms": med, "params": params, "shapes": shapes, "seq": args.seq,
             "warmup": args.warmup, "runs": args.runs,
             "speedup": {k: med["dense"] / v for k, v in med.items()}}
+
+
+def time_files(files: list[str], seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
+    """Interleaved ORT timings (seconds per run) of ``name=path`` ONNX files."""
+    from backends.onnxruntime import ORTModel
+
+    sessions = {}
+    for f in files:
+        name, path = f.split("=", 1)
+        sessions[name] = ORTModel(path, threads=2)
+    ids = torch.randint(0, SPEED_CONFIG["vocab_size"], (1, seq),
+                        generator=torch.Generator().manual_seed(2)).numpy()
+    feeds = {k: {s.input_names[0]: ids} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        for _ in range(warmup):
+            s.session.run(None, feeds[k])
+    times = {k: [] for k in sessions}
+    for _ in range(runs):  # interleaved: machine drift hits every variant alike
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.session.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return times
 
 
 def _block_shapes(gm) -> str:
@@ -209,9 +232,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse-onnx", action="store_true",
+                    help="time the ONNX files already in --workdir instead of re-exporting")
+    ap.add_argument("--time-files", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write the raw results here")
     args = ap.parse_args(argv)
+    if args.time_files:  # child process of the speed part
+        print(json.dumps(time_files(args.time_files, args.seq, args.warmup, args.runs)))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     results, md = {}, []
