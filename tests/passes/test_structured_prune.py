@@ -219,6 +219,7 @@ def test_hidden_dim_pruning_matches_a_model_built_at_the_smaller_width(probe_ids
     assert ir.get_param(gm, "model.model.norm.weight").shape == (48,)
 
 
+@pytest.mark.slow
 def test_pruned_graph_exports_to_onnx_with_parity(tmp_path, probe_ids):
     from backends.onnxruntime import ORTModel, export_onnx
 
