@@ -7,16 +7,19 @@ from compiler.registry import load_recipe, make_pass, make_passes, register, reg
 from passes.canonicalize import Canonicalize
 from passes.fuse_linears import FuseLinears
 from passes.insert_qdq import InsertQDQ
+from passes.lora import LoRARecover
 from passes.rotation_invariant import RotationInvariant
 from passes.rptq import InsertQDQClusters, RPTQReorder
 from passes.simplify_mask import SimplifyMask
 from passes.slicegpt import SliceGPT, SliceGPTRotate
 from passes.smoothquant import SmoothQuant
+from passes.structured_prune import StructuredPrune
 
-for _cls in (Canonicalize, FuseLinears, InsertQDQ, InsertQDQClusters, RotationInvariant,
-             RPTQReorder, SimplifyMask, SliceGPT, SliceGPTRotate, SmoothQuant):
+for _cls in (Canonicalize, FuseLinears, InsertQDQ, InsertQDQClusters, LoRARecover,
+             RotationInvariant, RPTQReorder, SimplifyMask, SliceGPT, SliceGPTRotate, SmoothQuant,
+             StructuredPrune):
     register(_cls)
 
-__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "InsertQDQClusters", "RotationInvariant",
+__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "InsertQDQClusters", "LoRARecover", "RotationInvariant",
            "RPTQReorder", "SliceGPT", "SliceGPTRotate",
-           "SimplifyMask", "SmoothQuant", "load_recipe", "make_pass", "make_passes", "register", "registered"]
+           "SimplifyMask", "SmoothQuant", "StructuredPrune", "load_recipe", "make_pass", "make_passes", "register", "registered"]

@@ -59,3 +59,15 @@ def test_recipe_errors_name_the_file_and_entry(tmp_path):
     f.write_text("passes: [unclosed\n")
     with pytest.raises(PipelineError, match="invalid YAML"):
         load_recipe(f)
+
+
+@pytest.mark.parametrize("spec", [
+    "smoothquant(alpha=0.5)", "rptq_reorder(clusters=4)", "insert_qdq(scheme=w8a8)",
+    "insert_qdq(scheme=w8a8_dynamic)", "insert_qdq(scheme=w4a16, group_size=128)",
+    "structured_prune(ratio=0.2, importance=taylor)", "lora_recover(rank=8, steps=100)",
+    "slicegpt(sparsity=0.25)", "slicegpt_rotate", "fuse_linears", "simplify_mask",
+    "rotation_invariant", "insert_qdq_clusters",
+])
+def test_every_documented_registry_string_builds_its_pass(spec):
+    p = make_pass(spec)
+    assert p.name == spec.split("(")[0]
