@@ -1408,7 +1408,7 @@ def _heads_and_labels(b: _Builder, gops: list[OpUse], mem: list[Member]
             bcast = {sp.find(x) for x in sp.broadcast}
             st = sp.children(hq)
             flat = sp.leaves(hq)
-            if st is None or st.kind == "prod" and all(sp.children(c) is None for c in st.children):
+            if st is None or (st.kind == "prod" and all(sp.children(c) is None for c in st.children)):
                 kv_leaves = [lf for lf in flat if lf not in bcast]
                 rep_leaves = [lf for lf in flat if lf in bcast]
                 sizes = [sp.size[lf] for lf in flat]
