@@ -74,7 +74,7 @@ class CompiledModel:
         graph goes straight through ``backends.onnxruntime.export_onnx``.
         """
         kwargs.setdefault("example_inputs", self.example_inputs())
-        if is_quantized(self.graph_module):
+        if ir.is_quantized(self.graph_module):
             from backends.ort_quant import export_quantized_onnx
 
             return export_quantized_onnx(self.graph_module, path, **kwargs)
@@ -185,15 +185,6 @@ class CompiledModel:
         tok = directory if "tokenizer.json" in files else None
         return cls(gm, report, config=config, model_class=manifest.get("model_class", ""),
                    tokenizer_dir=tok)
-
-
-def is_quantized(gm: fx.GraphModule) -> bool:
-    """True if the graph holds PT2E ``quantized_decomposed`` Q/DQ nodes."""
-    return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and n.target.namespace == "quantized_decomposed"
-        for n in gm.graph.nodes
-    )
 
 
 def _sha256(path: Path) -> str:

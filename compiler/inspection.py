@@ -11,6 +11,16 @@ from compiler import ir
 _SKIP_OPS = {"sym_size", "getitem", "alias"}
 
 
+def _distinct_params(gm: fx.GraphModule):
+    """(get_attr node, tensor) for each distinct tensor, first reader's node first."""
+    seen: set[int] = set()
+    for n in ir.iter_get_attrs(gm):
+        t = ir.get_param(gm, n)
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield n, t
+
+
 def block_summary(gm: fx.GraphModule) -> list[dict]:
     """One row per decoder block (and 'embed/other' outside blocks): op counts and parameter count."""
     ops: dict[object, Counter] = defaultdict(Counter)
@@ -20,14 +30,7 @@ def block_summary(gm: fx.GraphModule) -> list[dict]:
         key = b if b is not None else "other"
         if n.op == "call_function" and ir.op_name(n) not in _SKIP_OPS:
             ops[key][ir.op_name(n)] += 1
-    seen: set[int] = set()
-    for n in gm.graph.nodes:
-        if n.op != "get_attr":
-            continue
-        t = ir.get_param(gm, n)
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    for n, t in _distinct_params(gm):
         users = list(n.users)
         b = ir.block_index(users[0]) if users else None
         params[b if b is not None else "other"] += t.numel()
@@ -40,14 +43,7 @@ def block_summary(gm: fx.GraphModule) -> list[dict]:
 def param_table(gm: fx.GraphModule) -> list[dict]:
     """One row per parameter: site of its first reader, target name, shape, dtype, elements."""
     rows = []
-    seen: set[int] = set()
-    for n in gm.graph.nodes:
-        if n.op != "get_attr":
-            continue
-        t = ir.get_param(gm, n)
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
+    for n, t in _distinct_params(gm):
         users = list(n.users)
         rows.append({
             "site": ir.site(users[0]) if users else "<unused>",

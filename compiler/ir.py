@@ -112,6 +112,15 @@ def op_counts(gm: fx.GraphModule) -> Counter:
     return Counter(op_name(n) for n in gm.graph.nodes if n.op == "call_function")
 
 
+def is_quantized(gm: fx.GraphModule) -> bool:
+    """True if the graph holds PT2E ``quantized_decomposed`` Q/DQ nodes."""
+    return any(
+        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+        and n.target.namespace == "quantized_decomposed"
+        for n in gm.graph.nodes
+    )
+
+
 def copy_meta(src: fx.Node, dst: fx.Node, created_by: str | None = None) -> None:
     """Copy module-stack and shape metadata from ``src`` to a new node ``dst``."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta"):

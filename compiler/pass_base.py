@@ -69,6 +69,9 @@ class Pass:
     establishes: ClassVar[frozenset[str]] = frozenset()
     #: properties the pass destroys
     destroys: ClassVar[frozenset[str]] = frozenset()
+    #: properties that must NOT hold before this pass (e.g. exact channel transforms forbid
+    #: ``quantized``: they must run before Q/DQ insertion)
+    forbids: ClassVar[frozenset[str]] = frozenset()
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError

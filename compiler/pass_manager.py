@@ -99,6 +99,13 @@ def validate_order(passes: Sequence[Pass], ctx: PassContext, skip: Iterable[str 
                 f"pass {i} ({p!r}) requires the graph to be {req!r}, which no earlier pass "
                 f"establishes{hint}; passes before it: {_hist(history)}"
             )
+        for bad in sorted(set(p.forbids) & props):
+            culprits = [q.name for q in passes[: i - 1] if bad in q.establishes]
+            raise PipelineError(
+                f"pass {i} ({p!r}) must run before the graph is {bad!r}, but "
+                f"{', '.join(culprits) or 'an earlier pass'} made it so; passes before it: "
+                f"{_hist(history)}"
+            )
         props -= set(p.destroys)
         props |= set(p.establishes)
         history.append(p.name)

@@ -200,13 +200,7 @@ def _set_fused_site(fused: fx.Node, first: fx.Node, g: FusionGroup) -> None:
     fused.meta["nn_module_stack"] = stack
 
 
-def is_quantized_graph(gm: fx.GraphModule) -> bool:
-    """True if any ``quantized_decomposed`` op is in the graph."""
-    return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and n.target.namespace == "quantized_decomposed"
-        for n in gm.graph.nodes
-    )
+is_quantized_graph = ir.is_quantized
 
 
 def candidate_groups(gm: fx.GraphModule, min_group: int = 2) -> list[FusionGroup]:
@@ -225,6 +219,7 @@ class FuseLinears(Pass):
     """Fuse linears reading the same tensor into one linear plus slices; see the module doc."""
 
     name = "fuse_linears"
+    forbids = frozenset({"quantized"})
     exact = True
     requires = frozenset({"canonical"})
 

@@ -145,6 +145,7 @@ class RPTQReorder(Pass):
     """Reorder channel groups by calibration-range clusters; see the module docstring."""
 
     name = "rptq_reorder"
+    forbids = frozenset({"quantized"})
     exact = True
     requires = frozenset({"canonical", "calibrated"})
 

@@ -70,13 +70,7 @@ _HOMOGENEOUS_OPS = {"relu"}
 _SPLIT_OPS = {"split", "split_with_sizes", "chunk"}
 
 
-def is_quantized_graph(gm: fx.GraphModule) -> bool:
-    """True if ``gm`` holds any ``quantized_decomposed`` op (Q/DQ already inserted)."""
-    return any(
-        n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-        and n.target.namespace == "quantized_decomposed"
-        for n in gm.graph.nodes
-    )
+is_quantized_graph = ir.is_quantized
 
 
 @dataclass
@@ -396,6 +390,7 @@ class SmoothQuant(Pass):
     """Fold SmoothQuant scales into producers and consumers; see the module docstring."""
 
     name = "smoothquant"
+    forbids = frozenset({"quantized"})
     exact = True
     requires = frozenset({"canonical", "calibrated"})
 

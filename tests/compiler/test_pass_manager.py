@@ -194,3 +194,25 @@ def test_analyses_are_cached_and_invalidated_by_what_a_pass_does_not_preserve(pr
     CountingAnalysis.calls = 0
     PassManager([Uses(preserve=False), Uses(preserve=False)]).run(gm, _ctx(probe_ids))
     assert CountingAnalysis.calls == 2
+
+
+def test_a_pass_that_forbids_a_property_is_rejected_after_the_pass_that_establishes_it(probe_ids):
+    class Exactish(Pass):
+        name = "exactish"
+        exact = True
+        forbids = frozenset({"quantized"})
+
+        def run(self, gm, ctx):
+            return PassResult.unchanged(gm)
+
+    with pytest.raises(PipelineError, match=r"exactish\(\).*must run before.*'quantized'.*quantizes"):
+        validate_order([Canonicalize(), Quantizes(), Exactish()], _ctx(probe_ids))
+    validate_order([Canonicalize(), Exactish(), Quantizes()], _ctx(probe_ids))
+
+
+def test_smoothquant_after_insert_qdq_is_an_order_error():
+    from passes import make_passes
+
+    with pytest.raises(PipelineError, match="smoothquant.*must run before.*insert_qdq"):
+        validate_order(make_passes(["canonicalize", "insert_qdq(scheme=w8a8_dynamic)",
+                                    "smoothquant(alpha=0.5)"]), _ctx(calibration=[torch.zeros(1, 2)]))
