@@ -76,6 +76,21 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def check_not_quantized(self, gm: fx.GraphModule, ctx: PassContext | None, advice: str) -> None:
+        """Raise PreconditionError if a pass that forbids ``quantized`` meets Q/DQ nodes.
+
+        The pass manager rejects such an order before anything runs; this guards direct
+        ``run()`` calls on a graph quantized elsewhere.
+        """
+        from compiler import ir
+        from compiler.errors import PreconditionError
+
+        if "quantized" in self.forbids and ir.is_quantized(gm):
+            history = ", ".join(ctx.history) if ctx is not None and ctx.history else "none"
+            raise PreconditionError(
+                f"{self.name}: the graph already holds Q/DQ nodes; {advice} (passes so far: {history})"
+            )
+
     def options(self) -> dict[str, Any]:
         """The hyper-parameters, for reports and recipes (public attributes set in ``__init__``)."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

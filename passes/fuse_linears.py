@@ -49,7 +49,6 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.errors import PreconditionError
 from compiler.pass_base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -229,11 +228,8 @@ class FuseLinears(Pass):
         self.min_group = min_group
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
-        if is_quantized_graph(gm):
-            raise PreconditionError(
-                "fuse_linears: the graph already has Q/DQ nodes; run fuse_linears before "
-                "insert_qdq (fused weights are then quantized as one linear)"
-            )
+        self.check_not_quantized(
+            gm, ctx, "run fuse_linears before insert_qdq (fused weights are then quantized as one linear)")
         # decide
         groups = candidate_groups(gm, self.min_group)
         plans: list[tuple[FusionGroup, FusionRule]] = []

@@ -66,7 +66,6 @@ from passes.insert_qdq import (
     is_lm_head,
     quantize_weight_per_channel,
 )
-from passes.smoothquant import is_quantized_graph
 
 log = logging.getLogger(__name__)
 qd = torch.ops.quantized_decomposed
@@ -158,10 +157,7 @@ class RPTQReorder(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
-        if is_quantized_graph(gm):
-            raise PreconditionError(
-                "rptq_reorder: the graph already holds Q/DQ nodes; reorder before quantizing "
-                f"(passes so far: {', '.join(ctx.history) or 'none'})")
+        self.check_not_quantized(gm, ctx, "reorder before quantizing")
         ctx.require_calibration("rptq_reorder")
         from compiler.stats import ActivationStats
 

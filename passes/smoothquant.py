@@ -50,7 +50,7 @@ from torch import fx
 
 from compiler import ir
 from compiler.depgraph import ChannelGroups, ChannelGroupsAnalysis
-from compiler.errors import PassError, PreconditionError
+from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -402,10 +402,7 @@ class SmoothQuant(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
-        if is_quantized_graph(gm):
-            raise PreconditionError(
-                "smoothquant: the graph already holds Q/DQ nodes; run smoothquant before "
-                f"insert_qdq (passes so far: {', '.join(ctx.history) or 'none'})")
+        self.check_not_quantized(gm, ctx, "run smoothquant before insert_qdq")
         ctx.require_calibration("smoothquant")
         from compiler.stats import ActivationStats
 
