@@ -4,8 +4,9 @@ Protocol (``shared/BENCHMARKS.md``):
 
 - Quality: ``stories260K``; TinyStories evaluation half and WikiText-2 test, 256 windows of
   ``[BOS] + 255`` tokens each (65,280 scored tokens per dataset); calibration 128 x 256 windows
-  from the TinyStories calibration half, seed 0, batches of 8 (the Taylor gradients use all 16
-  batches). Every variant starts from the same traced, canonicalized graph and is evaluated as
+  from the TinyStories calibration half, seed 0, batches of 8 (the Taylor terms use all 128
+  sequences: one backward pass per sequence for ``taylor``/``taylor2``, the mean loss over all
+  of them for ``taylor_mean``, LLM-Pruner's form). Every variant starts from the same traced, canonicalized graph and is evaluated as
   an fx graph in fp32. Pruning: per-layer ratio (LLM-Pruner's default), attention kv groups and
   MLP channels, no layer skipped. ``ratio`` is the fraction of prunable parameters (block
   q/k/v/o and MLP weights) asked for; stories260K has 4 kv groups per layer, so heads move in
@@ -15,8 +16,10 @@ Protocol (``shared/BENCHMARKS.md``):
   a short run, stated in the table).
 - Speed: Llama-shaped random-init model (hidden 768, 12 layers, 12 heads, ffn 2048, vocab 32000,
   ``torch.manual_seed(0)``, 134M parameters); pruned with ``importance=l2`` (speed does not depend
-  on which channels go); ONNX Runtime CPU EP, ``intra_op_num_threads=2``, batch 1 x 128 tokens,
-  3 warm-ups, median of 15, variants interleaved in one process.
+  on which channels go); the exact ``simplify_mask`` pass on dense and pruned graphs alike;
+  ONNX Runtime CPU EP, ``intra_op_num_threads=2``, batch 1 x 128 tokens; each variant alone in
+  a fresh process (3 warm-ups, 15 runs), processes interleaved over ``--rounds`` rounds, median
+  of all runs (``benchmarks/ort_timing.py`` says why not one process).
 
 Run: ``python benchmarks/bench_prune.py [--part quality|speed|all] [--out results.md]``
 (``--part speed --workdir DIR --reuse-onnx`` re-times the exports of an earlier run: latency is
@@ -31,8 +34,6 @@ import gc
 import json
 import logging
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,17 +45,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compiler import ir
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
 from passes.lora import LoRARecover
+from passes.simplify_mask import SimplifyMask
 from passes.structured_prune import StructuredPrune
 
 log = logging.getLogger("bench_prune")
 
 RATIOS = (0.1, 0.2, 0.25, 0.3, 0.5)
-IMPORTANCES = ("l1", "l2", "random", "taylor", "taylor2")
+IMPORTANCES = ("l1", "l2", "random", "taylor", "taylor2", "taylor_mean")
+#: bench labels -> StructuredPrune options (``taylor_mean``: LLM-Pruner's mean-loss gradient)
+ESTIMATORS = {"taylor_mean": {"importance": "taylor", "per_sequence": False}}
 SPEED_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                 "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
                 "max_position_embeddings": 2048, "tie_word_embeddings": False}
@@ -84,7 +89,8 @@ def quality(args) -> dict:
         for imp in args.importances:
             gm = copy.deepcopy(base)
             t = time.perf_counter()
-            res = StructuredPrune(ratio=ratio, importance=imp).run(
+            opts = ESTIMATORS.get(imp, {"importance": imp})
+            res = StructuredPrune(ratio=ratio, **opts).run(
                 gm, PassContext(calibration=calib, seed=0))
             secs = time.perf_counter() - t
             common = {"ratio": ratio, "importance": imp,
@@ -135,6 +141,7 @@ def speed(args) -> dict:
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SPEED_CONFIG)).eval()
     base = canonicalize(trace(model))
+    SimplifyMask().run(base, PassContext())
     del model
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_prune_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -157,39 +164,15 @@ def speed(args) -> dict:
         gc.collect()
     del base
     gc.collect()
-    # Time in a fresh process: after tracing and exporting, this process runs ORT ~1.4x slower
-    # (allocator and thread-pool state), which would blur the ratios.
-    cmd = [sys.executable, __file__, "--time-files", *(f"{k}={p}" for k, p in paths.items()),
-           "--seq", str(args.seq), "--warmup", str(args.warmup), "--runs", str(args.runs)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    times = json.loads(out.strip().splitlines()[-1])
-    med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    from ort_timing import time_onnx_files
+
+    lat = time_onnx_files(paths, [args.seq], warmup=args.warmup, runs=args.runs,
+                          rounds=args.rounds, vocab=SPEED_CONFIG["vocab_size"])
+    med = {k: v[args.seq]["median_ms"] for k, v in lat.items()}
     return {"median_ms": med, "params": params, "shapes": shapes, "seq": args.seq,
-            "warmup": args.warmup, "runs": args.runs,
+            "warmup": args.warmup, "runs": args.runs, "rounds": args.rounds,
+            "round_medians_ms": {k: v[args.seq]["round_medians_ms"] for k, v in lat.items()},
             "speedup": {k: med["dense"] / v for k, v in med.items()}}
-
-
-def time_files(files: list[str], seq: int, warmup: int, runs: int) -> dict[str, list[float]]:
-    """Interleaved ORT timings (seconds per run) of ``name=path`` ONNX files."""
-    from backends.onnxruntime import ORTModel
-
-    sessions = {}
-    for f in files:
-        name, path = f.split("=", 1)
-        sessions[name] = ORTModel(path, threads=2)
-    ids = torch.randint(0, SPEED_CONFIG["vocab_size"], (1, seq),
-                        generator=torch.Generator().manual_seed(2)).numpy()
-    feeds = {k: {s.input_names[0]: ids} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        for _ in range(warmup):
-            s.session.run(None, feeds[k])
-    times = {k: [] for k in sessions}
-    for _ in range(runs):  # interleaved: machine drift hits every variant alike
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.session.run(None, feeds[k])
-            times[k].append(time.perf_counter() - t)
-    return times
 
 
 def _block_shapes(gm) -> str:
@@ -204,14 +187,17 @@ def _block_shapes(gm) -> str:
 def render_speed(s: dict) -> str:
     lines = [
         (f"Llama-shaped, random init ({s['params']['dense'] / 1e6:.0f}M params), ORT CPU, "
-         f"2 threads, batch 1 x {s['seq']} tokens, median of {s['runs']} after {s['warmup']} "
-         "warm-ups, interleaved."),
+         f"2 threads, batch 1 x {s['seq']} tokens; each variant alone in a fresh process, "
+         f"{s['warmup']} warm-ups + {s['runs']} runs, {s['rounds']} interleaved rounds, "
+         "median of all runs."),
         "",
-        "| variant | params | latency (ms) | speed-up vs dense | block 0 shapes |",
-        "|---|---|---|---|---|",
+        "| variant | params | latency (ms) | round medians | speed-up vs dense | block 0 shapes |",
+        "|---|---|---|---|---|---|",
     ]
     for k, ms in s["median_ms"].items():
-        lines.append(f"| {k} | {s['params'][k] / 1e6:.1f}M | {ms:.1f} | {s['speedup'][k]:.2f}x "
+        rm = ", ".join(f"{v:.1f}" for v in s["round_medians_ms"][k])
+        lines.append(f"| {k} | {s['params'][k] / 1e6:.1f}M | {ms:.1f} | {rm} "
+                     f"| {s['speedup'][k]:.2f}x "
                      f"| {s['shapes'][k]} |")
     return "\n".join(lines)
 
@@ -231,16 +217,13 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse-onnx", action="store_true",
                     help="time the ONNX files already in --workdir instead of re-exporting")
-    ap.add_argument("--time-files", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None, help="write the markdown tables here")
     ap.add_argument("--json", default=None, help="write the raw results here")
     args = ap.parse_args(argv)
-    if args.time_files:  # child process of the speed part
-        print(json.dumps(time_files(args.time_files, args.seq, args.warmup, args.runs)))
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(2)
     results, md = {}, []

@@ -23,8 +23,10 @@ same fp32 export, so the mask change helps every row alike):
 - ``rptq+cluster_w8a8``: ``RPTQReorder(clusters=4)`` then ``InsertQDQClusters`` (one
   ``MatMulIntegerToFloat`` per cluster, summed) and ``InsertQDQ`` for the embedding table.
 
-ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens, 3 warm-ups then the median of
-15 runs, variants interleaved (A B C A B C ...) in one process. Size: graph + external data;
+ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens; each variant alone in a fresh
+process (3 warm-ups, 15 timed runs), processes interleaved over 3 rounds, median of the 45 runs
+(deviation from BENCHMARKS.md's one-process interleaving, which lets the sessions' spinning
+thread pools fight over the two cores: see ``benchmarks/ort_timing.py``). Size: graph + external data;
 the exporter's per-node debug metadata is stripped from every file we export (fp32 included)
 so sizes compare weights, not stack traces.
 
@@ -41,7 +43,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -51,6 +52,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from backends.onnxruntime import ORTModel, export_onnx, file_size
 from backends.ort_quant import (
@@ -167,36 +169,28 @@ def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
     return out
 
 
-def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int) -> dict:
-    sessions = {k: ORTModel(p, threads=2) for k, p in paths.items()}
-    result = {}
-    for seq in seqs:
-        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq),
-                            generator=torch.Generator().manual_seed(2))
-        feeds = {k: {s.input_names[0]: ids.numpy()} for k, s in sessions.items()}
-        ref = None
-        outs = {}
-        for k, s in sessions.items():
-            for _ in range(warmup):
-                y = s.session.run(None, feeds[k])[0]
-            outs[k] = y
-            ref = y if k == "fp32" else ref
-        times = {k: [] for k in sessions}
-        for _ in range(runs):  # interleaved: drift hits every variant alike
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s.session.run(None, feeds[k])
-                times[k].append(time.perf_counter() - t)
-        result[seq] = {
-            k: {"median_ms": 1e3 * statistics.median(v),
-                "max_abs_logit_diff_vs_fp32": float(np.abs(outs[k] - ref).max())}
-            for k, v in times.items()
-        }
-    ops = {}
-    for k, s in sessions.items():
+def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int,
+          rounds: int) -> dict:
+    """Latency (each file alone in a fresh process, see ``ort_timing``), logit diffs, op types."""
+    from ort_timing import time_onnx_files
+
+    lat = time_onnx_files(paths, seqs, warmup=warmup, runs=runs, rounds=rounds,
+                          vocab=CONFIG["vocab_size"])
+    result = {seq: {k: dict(lat[k][seq]) for k in paths} for seq in seqs}
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, seqs[0]),
+                        generator=torch.Generator().manual_seed(2)).numpy()
+    ops, ref = {}, None
+    for k, p in paths.items():  # one session at a time: 134M fp32 + 7 variants is a lot of RAM
+        s = ORTModel(p, threads=2)
+        y = s.session.run(None, {s.input_names[0]: ids})[0]
+        ref = y if k == "fp32" else ref
+        for seq in seqs:
+            result[seq][k]["max_abs_logit_diff_vs_fp32"] = float(np.abs(y - ref).max())
         c = s.optimized_op_types()
         ops[k] = {"counts": integer_kernel_counts(c),
                   "integer_ops": {o: n for o, n in c.items() if o in INTEGER_KERNELS}}
+        del s
+        gc.collect()
     return {"latency": result, "ops": ops}
 
 
@@ -206,12 +200,13 @@ def render(paths, res, timings, seqs, n_params) -> str:
         (f"Model: Llama-shaped random init, {n_params / 1e6:.1f}M params (hidden "
          f"{CONFIG['hidden_size']}, {CONFIG['num_hidden_layers']} layers, ffn "
          f"{CONFIG['intermediate_size']}, vocab {CONFIG['vocab_size']}); ORT CPU EP, "
-         "intra_op_num_threads=2, batch 1; median of 15 after 3 warm-ups, interleaved."),
+         "intra_op_num_threads=2, batch 1; each variant alone in a fresh process, 3 warm-ups + "
+         "15 runs, processes interleaved over rounds; median of all runs."),
         (f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
          f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}."),
         "",
     ]
-    head = "| variant | " + " | ".join(f"ms @{s} | x fp32 @{s}" for s in seqs)
+    head = "| variant | " + " | ".join(f"ms @{s} (round medians) | x fp32 @{s}" for s in seqs)
     lines += [head + " | size MB | x fp32 size | integer kernels (ORT optimised graph) | "
               "float MatMul | max abs logit diff vs fp32 |",
               "|" + "---|" * (3 + 2 * len(seqs) + 3)]
@@ -219,7 +214,9 @@ def render(paths, res, timings, seqs, n_params) -> str:
         row = [k]
         for s in seqs:
             ms = res["latency"][s][k]["median_ms"]
-            row += [f"{ms:.1f}", f"{ms / res['latency'][s]['fp32']['median_ms']:.2f}"]
+            rm = res["latency"][s][k]["round_medians_ms"]
+            row += [f"{ms:.1f} ({min(rm):.1f}-{max(rm):.1f})",
+                    f"{ms / res['latency'][s]['fp32']['median_ms']:.2f}"]
         size = file_size(paths[k])
         kern = ", ".join(f"{o} x{n}" for o, n in sorted(res["ops"][k]["integer_ops"].items()))
         row += [f"{size / 1e6:.1f}", f"{size / fp_size:.3f}", kern or "-",
@@ -237,6 +234,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="timing rounds; each runs every variant once in its own process")
     ap.add_argument("--calib", type=int, default=32, help="calibration batches of 1 x 512")
     ap.add_argument("--ort-static-calib", type=int, default=4,
                     help="calibration batches (1 x 512) given to ORT quantize_static")
@@ -285,7 +284,7 @@ def main(argv=None) -> int:
     del gm
     gc.collect()
 
-    res = bench(paths, args.seq, args.warmup, args.runs)
+    res = bench(paths, args.seq, args.warmup, args.runs, args.rounds)
     table = render(paths, res, timings, args.seq, n_params)
     print(table)
     if args.out:

@@ -10,8 +10,10 @@ the same width), and a random-init model of the same config (the "knows nothing"
 Speed and size: Llama-shaped, random init (``torch.manual_seed(0)``): hidden 768, 12 layers,
 12 heads, ffn 2048, vocab 32000, untied (134M parameters); calibration 32 x 512 random ids
 (seed 1); ``slicegpt(sparsity=s, round_to=8)``; ONNX export (debug metadata stripped); ORT CPU
-EP, ``intra_op_num_threads=2``, batch 1 x seq tokens, 3 warm-ups then the median of 15 runs,
-variants interleaved in one process.
+EP, ``intra_op_num_threads=2``, batch 1 x seq tokens; the exact ``simplify_mask`` pass runs
+on the dense and the sliced graphs alike; each variant alone in a fresh process (3 warm-ups,
+15 runs), processes interleaved over ``--rounds`` rounds, median of all runs (see
+``benchmarks/ort_timing.py`` for why not one process).
 
 Both use one PassContext per model so the calibration covariance is collected once (the graph
 is brought to the rotation-invariant form before the copies are taken, so every copy is the
@@ -28,7 +30,6 @@ import copy
 import gc
 import logging
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -37,8 +38,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from backends.onnxruntime import ORTModel, export_onnx, file_size
+from backends.onnxruntime import export_onnx, file_size
 from compiler import ir
 from compiler.data import calibration_batches, evaluation_windows, load_tokenizer, stories260k_dir
 from compiler.evaluate import perplexity
@@ -46,6 +48,7 @@ from compiler.frontend import load_model, trace
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
 from passes.rotation_invariant import make_rotation_invariant
+from passes.simplify_mask import SimplifyMask
 from passes.slicegpt import SliceGPT, SliceGPTRotate
 
 log = logging.getLogger("bench_slicegpt")
@@ -55,8 +58,10 @@ CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12
           "max_position_embeddings": 2048, "tie_word_embeddings": False}
 
 
-def _prepared(model) -> torch.fx.GraphModule:
+def _prepared(model, simplify: bool = False) -> torch.fx.GraphModule:
     gm = canonicalize(trace(model), untie_embeddings=True)
+    if simplify:
+        SimplifyMask().run(gm, PassContext())
     make_rotation_invariant(gm, torch.zeros(2, 8, dtype=torch.long))
     return gm
 
@@ -105,7 +110,8 @@ def quality(sparsities: list[float], global_sparsities: list[float], round_to: i
 
 
 def speed(sparsities: list[float], global_sparsities: list[float], seqs: list[int], warmup: int,
-          runs: int, work: Path) -> tuple[list[dict], dict]:
+          runs: int, rounds: int, work: Path) -> tuple[list[dict], dict]:
+    from ort_timing import time_onnx_files
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backends.ort_quant import strip_debug_metadata
@@ -115,10 +121,11 @@ def speed(sparsities: list[float], global_sparsities: list[float], seqs: list[in
     g = torch.Generator().manual_seed(1)
     calib = [torch.randint(0, CONFIG["vocab_size"], (1, 512), generator=g) for _ in range(32)]
     dense = canonicalize(trace(model))
+    SimplifyMask().run(dense, PassContext())
     info = {"fp32": {"params": ir.count_params(dense), "width": 768, "pass_s": 0.0}}
     paths = {"fp32": export_onnx(dense, work / "fp32.onnx")}
     del dense
-    base = _prepared(model)
+    base = _prepared(model, simplify=True)
     del model
     ctx = PassContext(calibration=calib)
     variants = [(s, "per_norm") for s in sparsities] + [(s, "global") for s in global_sparsities]
@@ -136,23 +143,14 @@ def speed(sparsities: list[float], global_sparsities: list[float], seqs: list[in
         strip_debug_metadata(p)
     for k, p in paths.items():
         info[k]["bytes"] = file_size(p)
-    sessions = {k: ORTModel(p, threads=2) for k, p in paths.items()}
-    for seq in seqs:
-        ids = torch.randint(0, CONFIG["vocab_size"], (1, seq),
-                            generator=torch.Generator().manual_seed(2)).numpy()
-        for k, sess in sessions.items():
-            for _ in range(warmup):
-                sess.session.run(None, {sess.input_names[0]: ids})
-        times = {k: [] for k in sessions}
-        for _ in range(runs):  # interleaved: drift hits every variant alike
-            for k, sess in sessions.items():
-                t = time.perf_counter()
-                sess.session.run(None, {sess.input_names[0]: ids})
-                times[k].append(time.perf_counter() - t)
-        for k, v in times.items():
-            info[k][f"ms@{seq}"] = 1e3 * statistics.median(v)
+    lat = time_onnx_files(paths, seqs, warmup=warmup, runs=runs, rounds=rounds,
+                          vocab=CONFIG["vocab_size"])
+    for k in paths:
+        for seq in seqs:
+            info[k][f"ms@{seq}"] = lat[k][seq]["median_ms"]
+            info[k][f"rounds@{seq}"] = lat[k][seq]["round_medians_ms"]
     rows = [{"variant": k, **v} for k, v in info.items()]
-    return rows, {"seqs": seqs}
+    return rows, {"seqs": seqs, "rounds": rounds}
 
 
 def render(qrows, qmeta, srows, smeta) -> str:
@@ -172,8 +170,9 @@ def render(qrows, qmeta, srows, smeta) -> str:
         out.append("")
     if srows:
         seqs = smeta["seqs"]
-        out += [("### ORT CPU latency, 134M Llama-shaped (2 threads, batch 1, median of 15, "
-                "interleaved)"), "",
+        out += [("### ORT CPU latency, 134M Llama-shaped (2 threads, batch 1; each variant alone "
+                f"in a fresh process, 3 warm-ups + 15 runs, {smeta['rounds']} interleaved rounds, "
+                "median of all runs)"), "",
                 "| variant | hidden | params | size MB | " + " | ".join(
                     f"ms @{s} | speed-up @{s}" for s in seqs) + " |",
                 "|---|---|---|---|" + "---|---|" * len(seqs)]
@@ -195,6 +194,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", type=Path)
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
     if not args.skip_speed:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
             srows, smeta = speed(args.sparsities, args.global_sparsities, args.seq, args.warmup,
-                                 args.runs, Path(tmp))
+                                 args.runs, args.rounds, Path(tmp))
     text = render(qrows, qmeta, srows, smeta)
     if args.out:
         args.out.write_text(text + "\n")
