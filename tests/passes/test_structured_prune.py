@@ -160,24 +160,59 @@ def test_importance_estimators_differ_and_random_is_seeded():
     assert again == kept["random"]
 
 
-def test_taylor_scores_are_first_order_loss_change():
-    # |w * dL/dw| summed over a channel's weights: check one MLP channel by hand.
-    gm = _graph("llama")
-    calib = _calib(1)
-    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
-    d = StructuredPrune(ratio=0.5, importance="taylor", prune_attention=False).decide(
-        gm, PassContext(calibration=calib)).groups["mlp:model.layers.0.mlp"]
-    assert flags == {n: p.requires_grad for n, p in gm.named_parameters()}  # restored
+def _mlp_wg(gm, ids):
+    """Per gate/up/down weight of block 0's MLP, ``w * dL/dw`` on ``ids`` (by hand)."""
     params = dict(gm.named_parameters())
     names = [f"model.model.layers.0.mlp.{k}_proj.weight" for k in ("gate", "up", "down")]
     for n in names:
         params[n].requires_grad_(True)
-    loss = next_token_loss(gm(calib[0]), calib[0])
+    loss = next_token_loss(gm(ids), ids)
     grads = torch.autograd.grad(loss, [params[n] for n in names])
+    for n in names:
+        params[n].requires_grad_(False)
+    return {n: (params[n].detach().double(), g.double()) for n, g in zip(names, grads)}
+
+
+def _channel(t: torch.Tensor, name: str, c: int) -> torch.Tensor:
+    return t.select(1 if "down" in name else 0, c)
+
+
+@pytest.mark.parametrize("per_sequence", [True, False])
+def test_taylor_scores_are_first_order_loss_change(per_sequence):
+    # Check one MLP channel by hand: per sequence, mean_s sum |w * dL_s/dw| over the channel's
+    # weights; else sum |w * dL/dw| of the mean loss over all calibration batches (LLM-Pruner).
+    gm = _graph("llama")
+    calib = _calib(2)  # 2 batches x 2 sequences
+    flags = {n: p.requires_grad for n, p in gm.named_parameters()}
+    d = StructuredPrune(ratio=0.5, importance="taylor", prune_attention=False,
+                        per_sequence=per_sequence).decide(
+        gm, PassContext(calibration=calib)).groups["mlp:model.layers.0.mlp"]
+    assert flags == {n: p.requires_grad for n, p in gm.named_parameters()}  # restored
     c = 7
-    expected = sum(float((params[n].detach() * g).abs().select(1 if "down" in n else 0, c).sum())
-                   for n, g in zip(names, grads))
-    assert d.scores[c].item() == pytest.approx(expected, rel=1e-4)
+    if per_sequence:
+        rows = [b[i:i + 1] for b in calib for i in range(b.shape[0])]
+        expected = sum(float(_channel((w * g).abs(), n, c).sum())
+                       for r in rows for n, (w, g) in _mlp_wg(gm, r).items()) / len(rows)
+    else:
+        per_batch = [_mlp_wg(gm, b) for b in calib]
+        expected = sum(float(_channel((w * sum(pb[n][1] for pb in per_batch) / 2).abs(), n,
+                                      c).sum()) for n, (w, _) in per_batch[0].items())
+    assert d.scores[c].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_taylor2_adds_half_the_per_sequence_fisher_term():
+    gm = _graph("llama")
+    calib = _calib(1)
+    ctx = PassContext(calibration=calib)
+    s1 = StructuredPrune(ratio=0.5, importance="taylor", prune_attention=False).decide(
+        gm, ctx).groups["mlp:model.layers.0.mlp"].scores
+    s2 = StructuredPrune(ratio=0.5, importance="taylor2", prune_attention=False).decide(
+        gm, ctx).groups["mlp:model.layers.0.mlp"].scores
+    c = 3
+    rows = [calib[0][i:i + 1] for i in range(calib[0].shape[0])]
+    fisher = sum(float(_channel((w * g) ** 2, n, c).sum())
+                 for r in rows for n, (w, g) in _mlp_wg(gm, r).items()) / len(rows)
+    assert (s2[c] - s1[c]).item() == pytest.approx(0.5 * fisher, rel=1e-6)
 
 
 def test_hidden_dim_pruning_matches_a_model_built_at_the_smaller_width(probe_ids):
