@@ -20,6 +20,22 @@ for _cls in (Canonicalize, FuseLinears, InsertQDQ, InsertQDQClusters, LoRARecove
              StructuredPrune):
     register(_cls)
 
-__all__ = ["Canonicalize", "FuseLinears", "InsertQDQ", "InsertQDQClusters", "LoRARecover", "RotationInvariant",
-           "RPTQReorder", "SliceGPT", "SliceGPTRotate",
-           "SimplifyMask", "SmoothQuant", "StructuredPrune", "load_recipe", "make_pass", "make_passes", "register", "registered"]
+__all__ = [
+    "Canonicalize",
+    "FuseLinears",
+    "InsertQDQ",
+    "InsertQDQClusters",
+    "LoRARecover",
+    "RPTQReorder",
+    "RotationInvariant",
+    "SimplifyMask",
+    "SliceGPT",
+    "SliceGPTRotate",
+    "SmoothQuant",
+    "StructuredPrune",
+    "load_recipe",
+    "make_pass",
+    "make_passes",
+    "register",
+    "registered",
+]

@@ -716,5 +716,12 @@ def apply_decision(gm: fx.GraphModule, decision: PruneDecision, cg: ChannelGroup
     return {"params_resized": len(by_target), "size_args_rewritten": len(rewrites)}
 
 
-__all__ = ["GroupDecision", "PruneDecision", "StructuredPrune", "apply_decision",
-           "taylor_terms", "next_token_loss", "plan_surgery"]
+__all__ = [
+    "GroupDecision",
+    "PruneDecision",
+    "StructuredPrune",
+    "apply_decision",
+    "next_token_loss",
+    "plan_surgery",
+    "taylor_terms",
+]

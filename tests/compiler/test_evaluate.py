@@ -10,7 +10,7 @@ import torch
 
 from compiler import data
 from compiler.errors import DataError
-from compiler.evaluate import PerplexityResult, perplexity, perplexity_on
+from compiler.evaluate import PerplexityResult, perplexity
 from tests.conftest import (
     STORIES,
     needs_stories,

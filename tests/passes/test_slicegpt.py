@@ -14,7 +14,7 @@ from compiler.pass_base import PassContext
 from compiler.pass_manager import verify_graph
 from passes.canonicalize import canonicalize
 from passes.rotation_invariant import make_rotation_invariant, residual_stream
-from passes.slicegpt import SliceGPT, SliceGPTRotate, pca_basis, sliced_width
+from passes.slicegpt import BASES, SliceGPT, SliceGPTRotate, pca_basis, sliced_width
 from tests.conftest import CORE_FAMILIES, needs_stories, stories_graph, tiny_graph
 
 ATOL = 1e-4  # fp32 logits, exact pass
@@ -33,7 +33,7 @@ def _shortcuts(gm):
 def test_rotation_is_exact_with_one_shortcut_per_residual_add(family, probe_ids, calib_batches):
     gm = canonicalize(tiny_graph(family))
     ref = gm(probe_ids)
-    res = SliceGPTRotate().run(gm, _ctx(calib_batches, probe_ids))
+    res = SliceGPTRotate(basis="per_norm").run(gm, _ctx(calib_batches, probe_ids))
     verify_graph(gm, probe_ids)
     torch.testing.assert_close(gm(probe_ids), ref, atol=ATOL, rtol=0)
     rs = residual_stream(gm)
@@ -45,19 +45,23 @@ def test_rotation_is_exact_with_one_shortcut_per_residual_add(family, probe_ids,
     assert res.stats["hidden_after"] == res.stats["hidden_before"] == 64
 
 
-def test_global_basis_is_exact_without_shortcuts(probe_ids, calib_batches):
-    gm = canonicalize(tiny_graph("llama"))
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_global_basis_is_the_default_and_exact_without_shortcuts(family, probe_ids,
+                                                                 calib_batches):
+    gm = canonicalize(tiny_graph(family))
     ref = gm(probe_ids)
-    res = SliceGPTRotate(basis="global").run(gm, _ctx(calib_batches, probe_ids))
+    res = SliceGPTRotate().run(gm, _ctx(calib_batches, probe_ids))
+    verify_graph(gm, probe_ids)
     torch.testing.assert_close(gm(probe_ids), ref, atol=ATOL, rtol=0)
     assert res.stats["shortcuts"] == 0 and not _shortcuts(gm)
 
 
 @needs_stories
-def test_rotation_is_exact_on_stories260k(probe_ids, calib_batches):
+@pytest.mark.parametrize("basis", BASES)
+def test_rotation_is_exact_on_stories260k(basis, probe_ids, calib_batches):
     gm = canonicalize(stories_graph())
     ref = gm(probe_ids)
-    SliceGPTRotate().run(gm, _ctx(calib_batches, probe_ids))
+    SliceGPTRotate(basis=basis).run(gm, _ctx(calib_batches, probe_ids))
     torch.testing.assert_close(gm(probe_ids), ref, atol=ATOL, rtol=0)
 
 
@@ -81,16 +85,18 @@ def test_sliced_width_rounds_down_to_the_multiple():
     assert sliced_width(64, 0.99, 8) == 8
 
 
+@pytest.mark.parametrize("basis", BASES)
 @pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_slicing_equals_rotation_with_dropped_directions_zeroed(family, probe_ids, calib_batches):
+def test_slicing_equals_rotation_with_dropped_directions_zeroed(family, basis, probe_ids,
+                                                                calib_batches):
     base = canonicalize(tiny_graph(family))
     k = 40
     sliced = copy.deepcopy(base)
-    SliceGPT(sparsity=0.375).run(sliced, _ctx(calib_batches, probe_ids))
+    SliceGPT(sparsity=0.375, basis=basis).run(sliced, _ctx(calib_batches, probe_ids))
     # Reference: the exact rotation (same calibration, same bases) with every coordinate >= k of
     # the residual stream forced to zero; the norm still divides by d there, as in the paper.
     ref = copy.deepcopy(base)
-    SliceGPTRotate().run(ref, _ctx(calib_batches, probe_ids))
+    SliceGPTRotate(basis=basis).run(ref, _ctx(calib_batches, probe_ids))
     rs = residual_stream(ref)
     for src in rs.sources:
         t = ir.get_param(ref, src.args[0]).clone()
@@ -108,8 +114,9 @@ def test_slicing_equals_rotation_with_dropped_directions_zeroed(family, probe_id
     torch.testing.assert_close(sliced(probe_ids), ref(probe_ids), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("basis", BASES)
 @pytest.mark.parametrize("family", CORE_FAMILIES)
-def test_slicing_shrinks_every_residual_parameter(family, probe_ids, calib_batches):
+def test_slicing_shrinks_every_residual_parameter(family, basis, probe_ids, calib_batches):
     gm = canonicalize(tiny_graph(family))
     make_rotation_invariant(gm, probe_ids)
     rs = residual_stream(gm)
@@ -122,9 +129,9 @@ def test_slicing_shrinks_every_residual_parameter(family, probe_ids, calib_batch
         removed += ir.get_param(gm, wn).shape[1] * (d - k) + (d - k) * (bn is not None)
     for r in rs.readers:
         removed += ir.get_param(gm, r.args[1]).shape[0] * (d - k)
-    n_shortcuts = len(rs.norms) - 1
+    n_shortcuts = len(rs.norms) - 1 if basis == "per_norm" else 0
     before = ir.count_params(gm)
-    res = SliceGPT(sparsity=0.25).run(gm, _ctx(calib_batches, probe_ids))
+    res = SliceGPT(sparsity=0.25, basis=basis).run(gm, _ctx(calib_batches, probe_ids))
     verify_graph(gm, probe_ids)
     assert res.stats["hidden_after"] == k
     expected = before - removed + n_shortcuts * k * k
