@@ -164,7 +164,7 @@ def speed(args) -> dict:
         gc.collect()
     del base
     gc.collect()
-    from ort_timing import time_onnx_files
+    from ort_timing import paired_ratio, time_onnx_files
 
     lat = time_onnx_files(paths, [args.seq], warmup=args.warmup, runs=args.runs,
                           rounds=args.rounds, vocab=SPEED_CONFIG["vocab_size"])
@@ -172,7 +172,8 @@ def speed(args) -> dict:
     return {"median_ms": med, "params": params, "shapes": shapes, "seq": args.seq,
             "warmup": args.warmup, "runs": args.runs, "rounds": args.rounds,
             "round_medians_ms": {k: v[args.seq]["round_medians_ms"] for k, v in lat.items()},
-            "speedup": {k: med["dense"] / v for k, v in med.items()}}
+            "speedup": {k: med["dense"] / v for k, v in med.items()},
+            "paired_speedup": {k: paired_ratio(lat, "dense", k, args.seq) for k in lat}}
 
 
 def _block_shapes(gm) -> str:
@@ -191,13 +192,15 @@ def render_speed(s: dict) -> str:
          f"{s['warmup']} warm-ups + {s['runs']} runs, {s['rounds']} interleaved rounds, "
          "median of all runs."),
         "",
-        "| variant | params | latency (ms) | round medians | speed-up vs dense | block 0 shapes |",
-        "|---|---|---|---|---|---|",
+        ("| variant | params | latency (ms) | round medians | speed-up vs dense | per-round "
+         "speed-up: median (min-max) | block 0 shapes |"),
+        "|---|---|---|---|---|---|---|",
     ]
     for k, ms in s["median_ms"].items():
         rm = ", ".join(f"{v:.1f}" for v in s["round_medians_ms"][k])
+        pm, lo, hi = s["paired_speedup"][k]
         lines.append(f"| {k} | {s['params'][k] / 1e6:.1f}M | {ms:.1f} | {rm} "
-                     f"| {s['speedup'][k]:.2f}x "
+                     f"| {s['speedup'][k]:.2f}x | {pm:.2f}x ({lo:.2f}-{hi:.2f}) "
                      f"| {s['shapes'][k]} |")
     return "\n".join(lines)
 
@@ -217,7 +220,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse-onnx", action="store_true",
                     help="time the ONNX files already in --workdir instead of re-exporting")

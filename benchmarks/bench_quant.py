@@ -24,7 +24,7 @@ same fp32 export, so the mask change helps every row alike):
   ``MatMulIntegerToFloat`` per cluster, summed) and ``InsertQDQ`` for the embedding table.
 
 ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens; each variant alone in a fresh
-process (3 warm-ups, 15 timed runs), processes interleaved over 3 rounds, median of the 45 runs
+process (3 warm-ups, 15 timed runs), processes interleaved over 10 rounds, median of the 150 runs
 (deviation from BENCHMARKS.md's one-process interleaving, which lets the sessions' spinning
 thread pools fight over the two cores: see ``benchmarks/ort_timing.py``). Size: graph + external data;
 the exporter's per-node debug metadata is stripped from every file we export (fp32 included)
@@ -172,11 +172,15 @@ def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
 def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int,
           rounds: int) -> dict:
     """Latency (each file alone in a fresh process, see ``ort_timing``), logit diffs, op types."""
-    from ort_timing import time_onnx_files
+    from ort_timing import paired_ratio, time_onnx_files
 
     lat = time_onnx_files(paths, seqs, warmup=warmup, runs=runs, rounds=rounds,
                           vocab=CONFIG["vocab_size"])
     result = {seq: {k: dict(lat[k][seq]) for k in paths} for seq in seqs}
+    for seq in seqs:
+        for k in paths:
+            if "ort_dynamic" in paths:
+                result[seq][k]["paired_vs_ort_dynamic"] = paired_ratio(lat, k, "ort_dynamic", seq)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, seqs[0]),
                         generator=torch.Generator().manual_seed(2)).numpy()
     ops, ref = {}, None
@@ -206,17 +210,21 @@ def render(paths, res, timings, seqs, n_params) -> str:
          f"onnxruntime {__import__('onnxruntime').__version__}, torch {torch.__version__}."),
         "",
     ]
-    head = "| variant | " + " | ".join(f"ms @{s} (round medians) | x fp32 @{s}" for s in seqs)
+    head = "| variant | " + " | ".join(
+        f"ms @{s} (round medians) | x fp32 @{s} | x ort_dynamic @{s}, per round: median (min-max)"
+        for s in seqs)
     lines += [head + " | size MB | x fp32 size | integer kernels (ORT optimised graph) | "
               "float MatMul | max abs logit diff vs fp32 |",
-              "|" + "---|" * (3 + 2 * len(seqs) + 3)]
+              "|" + "---|" * (3 + 3 * len(seqs) + 3)]
     for k in paths:
         row = [k]
         for s in seqs:
             ms = res["latency"][s][k]["median_ms"]
             rm = res["latency"][s][k]["round_medians_ms"]
+            pr = res["latency"][s][k].get("paired_vs_ort_dynamic")
             row += [f"{ms:.1f} ({min(rm):.1f}-{max(rm):.1f})",
-                    f"{ms / res['latency'][s]['fp32']['median_ms']:.2f}"]
+                    f"{ms / res['latency'][s]['fp32']['median_ms']:.2f}",
+                    f"{pr[0]:.2f} ({pr[1]:.2f}-{pr[2]:.2f})" if pr else "-"]
         size = file_size(paths[k])
         kern = ", ".join(f"{o} x{n}" for o, n in sorted(res["ops"][k]["integer_ops"].items()))
         row += [f"{size / 1e6:.1f}", f"{size / fp_size:.3f}", kern or "-",
@@ -234,7 +242,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--rounds", type=int, default=10,
                     help="timing rounds; each runs every variant once in its own process")
     ap.add_argument("--calib", type=int, default=32, help="calibration batches of 1 x 512")
     ap.add_argument("--ort-static-calib", type=int, default=4,

@@ -112,7 +112,7 @@ def quality(sparsities: list[float], per_norm_sparsities: list[float], round_to:
 
 def speed(sparsities: list[float], per_norm_sparsities: list[float], seqs: list[int], warmup: int,
           runs: int, rounds: int, work: Path) -> tuple[list[dict], dict]:
-    from ort_timing import time_onnx_files
+    from ort_timing import paired_ratio, time_onnx_files
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from backends.ort_quant import strip_debug_metadata
@@ -151,6 +151,7 @@ def speed(sparsities: list[float], per_norm_sparsities: list[float], seqs: list[
         for seq in seqs:
             info[k][f"ms@{seq}"] = lat[k][seq]["median_ms"]
             info[k][f"rounds@{seq}"] = lat[k][seq]["round_medians_ms"]
+            info[k][f"paired@{seq}"] = paired_ratio(lat, "fp32", k, seq)
     rows = [{"variant": k, **v} for k, v in info.items()]
     return rows, {"seqs": seqs, "rounds": rounds}
 
@@ -176,12 +177,16 @@ def render(qrows, qmeta, srows, smeta) -> str:
                 f"in a fresh process, 3 warm-ups + 15 runs, {smeta['rounds']} interleaved rounds, "
                 "median of all runs)"), "",
                 "| variant | hidden | params | size MB | " + " | ".join(
-                    f"ms @{s} | speed-up @{s}" for s in seqs) + " |",
-                "|---|---|---|---|" + "---|---|" * len(seqs)]
+                    f"ms @{s} (round medians min-max) | speed-up @{s} | per-round speed-up @{s}: "
+                    "median (min-max)" for s in seqs) + " |",
+                "|---|---|---|---|" + "---|---|---|" * len(seqs)]
         base = srows[0]
         for r in srows:
-            cells = " | ".join(f"{r[f'ms@{s}']:.1f} | {base[f'ms@{s}'] / r[f'ms@{s}']:.2f}x"
-                               for s in seqs)
+            cells = " | ".join(
+                f"{r[f'ms@{s}']:.1f} ({min(r[f'rounds@{s}']):.1f}-{max(r[f'rounds@{s}']):.1f}) | "
+                f"{base[f'ms@{s}'] / r[f'ms@{s}']:.2f}x | "
+                f"{r[f'paired@{s}'][0]:.2f}x ({r[f'paired@{s}'][1]:.2f}-{r[f'paired@{s}'][2]:.2f})"
+                for s in seqs)
             out.append(f"| {r['variant']} | {r['width']} | {r['params']:,} | "
                        f"{r['bytes'] / 1e6:.1f} | {cells} |")
     return "\n".join(out)
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--out", type=Path)

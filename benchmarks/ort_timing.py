@@ -10,7 +10,9 @@ time). A deployed model runs alone with ORT's defaults, so that is what is timed
 drift is handled by interleaving at the process level instead: ``rounds`` rounds, each running
 every variant once in its own process (in a rotated order), ``warmup`` warm-ups then ``runs``
 timed runs per process. The reported number is the median over all timed runs of all rounds;
-the spread of the per-round medians is reported next to it.
+the spread of the per-round medians is reported next to it. On this 2-vCPU VM one file's
+per-process median varies by +-15% from process to process (neighbours on the shared L3, memory
+placement), far more than within a process, hence the default of 10 rounds.
 
 Use: ``time_onnx_files({"fp32": path, ...}, seqs=[128])`` from a benchmark, or
 ``python benchmarks/ort_timing.py fp32=a.onnx w8a8=b.onnx --seq 128 --rounds 5``.
@@ -30,7 +32,7 @@ VOCAB = 32000
 
 
 def time_onnx_files(paths: dict[str, Path | str], seqs: list[int] | tuple[int, ...] = (128,),
-                    *, warmup: int = 3, runs: int = 15, rounds: int = 3, threads: int = 2,
+                    *, warmup: int = 3, runs: int = 15, rounds: int = 10, threads: int = 2,
                     vocab: int = VOCAB, progress: bool = True) -> dict[str, dict[int, dict]]:
     """Latency of each file, alone in a fresh process, over ``rounds`` rotated rounds.
 
@@ -65,6 +67,18 @@ def time_onnx_files(paths: dict[str, Path | str], seqs: list[int] | tuple[int, .
                     "runs": len(samples[n][s])} for s in seqs} for n in names}
 
 
+def paired_ratio(res: dict, ref: str, name: str, seq: int) -> tuple[float, float, float]:
+    """Speed-up of ``name`` over ``ref`` per round (``ref``'s round median / ``name``'s).
+
+    Returns ``(median, min, max)`` over the rounds: pairing by round cancels the slow drift of a
+    shared machine that the all-runs medians only average out.
+    """
+    a = res[ref][seq]["round_medians_ms"]
+    b = res[name][seq]["round_medians_ms"]
+    r = [x / y for x, y in zip(a, b)]
+    return statistics.median(r), min(r), max(r)
+
+
 def _child(path: str, seqs: list[int], warmup: int, runs: int, threads: int, vocab: int) -> None:
     import numpy as np
     import onnxruntime as ort
@@ -95,7 +109,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=VOCAB)
     args = ap.parse_args(argv)
@@ -109,10 +123,11 @@ def main(argv=None) -> int:
                           rounds=args.rounds, threads=args.threads, vocab=args.vocab)
     first = next(iter(res))
     for s in args.seq:
-        print(f"\n| variant | ms @{s} | x {first} | per-round medians |\n|---|---|---|---|")
+        print(f"\n| variant | ms @{s} | speed-up vs {first} (per-round median, min-max) "
+              "| per-round medians |\n|---|---|---|---|")
         for n, r in res.items():
-            print(f"| {n} | {r[s]['median_ms']:.1f} | "
-                  f"{r[s]['median_ms'] / res[first][s]['median_ms']:.2f} | "
+            med, lo, hi = paired_ratio(res, first, n, s)
+            print(f"| {n} | {r[s]['median_ms']:.1f} | {med:.2f}x ({lo:.2f}-{hi:.2f}) | "
                   f"{', '.join(f'{v:.1f}' for v in r[s]['round_medians_ms'])} |")
     return 0
 
