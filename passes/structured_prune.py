@@ -26,7 +26,7 @@ mean loss over all the calibration text. Why the default deviates: at a trained 
 gradient is close to zero and what is left of it after the sequences' gradients cancel ranks
 channels worse than magnitude does (stories260K, 20%: 18.3 vs 15.6 for l1, TinyStories
 perplexity), while the per-sequence magnitudes measure how much each weight matters to the
-sequences one at a time (12.5 there; ``benchmarks/bench_prune.py`` has both).
+sequences one at a time (13.0 there; ``benchmarks/bench_prune.py`` has both).
 Per-member scores are aggregated over the group's members with ``aggregate`` (sum, mean, max,
 prod).
 
