@@ -70,7 +70,7 @@ def cmd_compile(args) -> int:
         args.model, passes, calibration=calibration, skip=_parse_skip(args.skip),
         dump_dir=args.dump_ir, progress=not args.quiet,
     )
-    print(cm.report.table())
+    print(cm.report)
     out = Path(args.output)
     cm.save(out, overwrite=args.overwrite)
     print(f"\nsaved compiled model to {out}/ ({time.perf_counter() - t0:.1f}s)")
@@ -130,6 +130,8 @@ def cmd_inspect(args) -> int:
         print(cm.report.table())
         print("\nper-pass op-count diff:")
         print(cm.report.diff_table())
+        print("\nparameters and shapes per block, before -> after:")
+        print(cm.report.blocks_table())
     return 0
 
 

@@ -40,6 +40,63 @@ def block_summary(gm: fx.GraphModule) -> list[dict]:
     return [{"block": k, "ops": dict(ops[k]), "params": params[k]} for k in keys]
 
 
+def block_params(gm: fx.GraphModule) -> dict[str, dict]:
+    """Per decoder block (``"0"``, ``"1"``, ... and ``"other"``): parameter count and the shape
+    of every parameter, keyed by its name inside the block (``self_attn.q_proj.weight``).
+
+    The block of a parameter is the block of its first reader; JSON-friendly (string keys).
+    """
+    rows: dict[str, dict] = {}
+    for n, t in _distinct_params(gm):
+        users = list(n.users)
+        b = ir.block_index(users[0]) if users else None
+        key = "other" if b is None else str(b)
+        row = rows.setdefault(key, {"params": 0, "shapes": {}})
+        row["params"] += t.numel()
+        name = str(n.target)
+        if b is not None and f".{b}." in name:
+            name = name.split(f".{b}.", 1)[1]
+        row["shapes"][name] = list(t.shape)
+    order = sorted((k for k in rows if k != "other"), key=int) + (["other"] if "other" in rows
+                                                                  else [])
+    return {k: rows[k] for k in order}
+
+
+def block_changes(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
+    """Lines saying how each block's parameters and shapes changed (runs of equal blocks merged).
+
+    Args:
+        before, after: :func:`block_params` of the graph before and after a pass.
+    """
+    def _shape(s):
+        return "x".join(map(str, s)) if s is not None else "-"
+
+    per_block = []
+    for k in list(dict.fromkeys([*before, *after])):
+        b, a = before.get(k, {"params": 0, "shapes": {}}), after.get(k, {"params": 0, "shapes": {}})
+        names = list(dict.fromkeys([*b["shapes"], *a["shapes"]]))
+        changed = [f"{nm} {_shape(b['shapes'].get(nm))}->{_shape(a['shapes'].get(nm))}"
+                   for nm in names if b["shapes"].get(nm) != a["shapes"].get(nm)]
+        if b["params"] == a["params"] and not changed:
+            continue
+        per_block.append((k, f"{b['params']:,} -> {a['params']:,} params"
+                             + (f"; {', '.join(changed)}" if changed else "")))
+    lines: list[str] = []
+    i = 0
+    while i < len(per_block):  # merge consecutive numbered blocks with the same change
+        j = i
+        while (j + 1 < len(per_block) and per_block[j + 1][1] == per_block[i][1]
+               and per_block[j + 1][0].isdigit() and per_block[j][0].isdigit()
+               and int(per_block[j + 1][0]) == int(per_block[j][0]) + 1):
+            j += 1
+        k0, k1 = per_block[i][0], per_block[j][0]
+        label = ("outside blocks" if k0 == "other" else
+                 f"block {k0}" if i == j else f"blocks {k0}-{k1} (each)")
+        lines.append(f"{label}: {per_block[i][1]}")
+        i = j + 1
+    return lines
+
+
 def param_table(gm: fx.GraphModule) -> list[dict]:
     """One row per parameter: site of its first reader, target name, shape, dtype, elements."""
     rows = []

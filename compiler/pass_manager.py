@@ -21,6 +21,7 @@ from torch import fx
 
 from compiler import ir
 from compiler.errors import FxCompressError, PipelineError, PreconditionError, VerificationError
+from compiler.inspection import block_params
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.report import PassRecord, Report
 
@@ -177,6 +178,7 @@ class PassManager:
             record.nodes_before = len(gm.graph.nodes)
             record.params_before = ir.count_params(gm)
             counts_before = ir.op_counts(gm)
+            blocks_before = block_params(gm)
             if p.exact and self.check_exact and probe is not None and before_out is None:
                 before_out = _run(gm, probe)
             for inst in self.instruments:
@@ -218,6 +220,9 @@ class PassManager:
             delta = ir.op_counts(gm)
             delta.subtract(counts_before)
             record.ops_delta = {k: v for k, v in delta.items() if v}
+            blocks_after = block_params(gm)
+            if _reshaped(blocks_before, blocks_after):
+                record.blocks_before, record.blocks_after = blocks_before, blocks_after
             ctx.properties -= set(p.destroys)
             ctx.properties |= set(p.establishes)
             ctx.history.append(p.name)
@@ -228,6 +233,13 @@ class PassManager:
                 ", ".join(f"{k}={v}" for k, v in result.stats.items()),
             )
         return report
+
+
+def _reshaped(before: dict[str, dict], after: dict[str, dict]) -> bool:
+    """True if a parameter present before and after the pass changed shape."""
+    return any(shape != after[k]["shapes"][name]
+               for k, row in before.items() if k in after
+               for name, shape in row["shapes"].items() if name in after[k]["shapes"])
 
 
 def _run(gm: fx.GraphModule, inputs: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,10 @@ class PassRecord:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     ops_delta: dict[str, int] = field(default_factory=dict)
+    # per block params and shapes before/after (compiler.inspection.block_params), recorded only
+    # when the pass changed a parameter's shape or the parameter count
+    blocks_before: dict[str, dict] | None = None
+    blocks_after: dict[str, dict] | None = None
 
 
 @dataclass
@@ -96,6 +100,18 @@ class Report:
                 lines.append(f"  ... {len(notes) - 50} more notes (see report.json)")
         return "\n".join(lines)
 
+    def blocks_table(self) -> str:
+        """Per pass that changed parameter shapes: each block's params and shapes before/after."""
+        from compiler.inspection import block_changes
+
+        lines = []
+        for r in self.records:
+            if r.skipped or r.blocks_before is None or r.blocks_after is None:
+                continue
+            lines.append(f"{r.index} {r.spec}:")
+            lines += [f"  {line}" for line in block_changes(r.blocks_before, r.blocks_after)]
+        return "\n".join(lines) if lines else "(no pass changed parameter shapes)"
+
     def diff_table(self) -> str:
         """Per-pass change of op counts (which ops each pass added or removed)."""
         lines = []
@@ -107,7 +123,10 @@ class Report:
         return "\n".join(lines) if lines else "(no pass changed the op counts)"
 
     def __str__(self) -> str:
-        return self.table()
+        blocks = self.blocks_table()
+        if blocks.startswith("(no pass"):
+            return self.table()
+        return self.table() + "\nparameters and shapes per block:\n" + blocks
 
 
 def _fmt(v: Any) -> str:

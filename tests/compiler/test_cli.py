@@ -15,6 +15,19 @@ def test_compile_then_inspect_an_artifact(tmp_path, capsys):
     assert main(["inspect", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "block" in printed and "per-pass op-count diff" in printed and "addmm -8" in printed
+    assert "mlp.c_proj.weight 128x64->64x128" in printed  # Conv1D weights become linear ones
+
+
+def test_compile_and_inspect_show_shapes_per_block_of_a_pruned_model(tmp_path, capsys):
+    out = tmp_path / "art"
+    assert main(["-q", "compile", "tiny-llama", "--passes",
+                 "structured_prune(ratio=0.5, importance=l2, prune_attention=false)",
+                 "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "parameters and shapes per block" in printed
+    assert "mlp.up_proj.weight 128x64->64x64" in printed
+    assert main(["inspect", str(out)]) == 0
+    assert "mlp.up_proj.weight 128x64->64x64" in capsys.readouterr().out
 
 
 def test_compile_with_recipe_and_onnx_export(tmp_path, capsys):

@@ -163,6 +163,29 @@ def test_report_records_op_count_diff_and_params(probe_ids):
     assert "addmm -8" in report.diff_table()
 
 
+def test_report_shows_params_and_shapes_per_block_for_passes_that_reshape(probe_ids):
+    from compiler.report import Report
+    from passes.structured_prune import StructuredPrune
+
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), StructuredPrune(ratio=0.5, importance="l2",
+                                                          prune_attention=False)]
+                         ).run(gm, _ctx(probe_ids))
+    canon, prune = report.records
+    assert canon.blocks_before is None  # no parameter changed shape
+    up = "mlp.up_proj.weight"
+    assert prune.blocks_before["0"]["shapes"][up] == [128, 64]
+    assert prune.blocks_after["0"]["shapes"][up] == [64, 64]
+    assert prune.blocks_before["1"]["params"] - prune.blocks_after["1"]["params"] == 3 * 64 * 64
+    assert sum(r["params"] for r in prune.blocks_after.values()) == prune.params_after
+    table = report.blocks_table()
+    assert "blocks 0-1 (each): 36,992 -> 24,704 params" in table
+    assert "mlp.down_proj.weight 64x128->64x64" in table
+    assert "parameters and shapes per block" in str(report)
+    again = Report.from_dict(__import__("json").loads(report.to_json()))
+    assert again.blocks_table() == table
+
+
 class CountingAnalysis(Analysis):
     name = "counting"
     calls = 0
