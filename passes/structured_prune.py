@@ -530,13 +530,9 @@ def taylor_terms(gm: fx.GraphModule, batches: Sequence[torch.Tensor], targets: S
             for (t, p), gr in zip(params.items(), gs):
                 if gr is None:
                     continue
-                if not per_sequence:  # accumulate the gradient; |w * g| is taken at the end
-                    first[t] += gr.detach()
-                    if second is not None:
-                        second[t] += (p.detach().double() * gr.detach()) ** 2
-                    continue
                 wg = p.detach().double() * gr.detach()
-                first[t] += wg.abs()
+                # per sequence: sum |w * g_s|; else sum g, and |w * mean g| at the end
+                first[t] += wg.abs() if per_sequence else gr.detach()
                 if second is not None:
                     second[t] += wg * wg
     finally:
@@ -545,7 +541,7 @@ def taylor_terms(gm: fx.GraphModule, batches: Sequence[torch.Tensor], targets: S
             p.grad = None
     n = max(len(units), 1)
     for t, p in params.items():
-        first[t] = (p.detach().double() * first[t]).abs() / n if not per_sequence else first[t] / n
+        first[t] = first[t] / n if per_sequence else (p.detach().double() * first[t] / n).abs()
         if second is not None:
             second[t] /= n
     return first, second
