@@ -131,7 +131,7 @@ def cmd_inspect(args) -> int:
         print("\nper-pass op-count diff:")
         print(cm.report.diff_table())
         print("\nparameters and shapes per block, before -> after:")
-        print(cm.report.blocks_table())
+        print(cm.report.blocks_table() or "(no pass changed parameter shapes)")
     return 0
 
 

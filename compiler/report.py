@@ -28,7 +28,7 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
     ops_delta: dict[str, int] = field(default_factory=dict)
     # per block params and shapes before/after (compiler.inspection.block_params), recorded only
-    # when the pass changed a parameter's shape or the parameter count
+    # when the pass changed the shape of a parameter it kept
     blocks_before: dict[str, dict] | None = None
     blocks_after: dict[str, dict] | None = None
 
@@ -101,7 +101,8 @@ class Report:
         return "\n".join(lines)
 
     def blocks_table(self) -> str:
-        """Per pass that changed parameter shapes: each block's params and shapes before/after."""
+        """Per pass that changed parameter shapes: each block's params and shapes before/after
+        ("" when no pass did)."""
         from compiler.inspection import block_changes
 
         lines = []
@@ -110,7 +111,7 @@ class Report:
                 continue
             lines.append(f"{r.index} {r.spec}:")
             lines += [f"  {line}" for line in block_changes(r.blocks_before, r.blocks_after)]
-        return "\n".join(lines) if lines else "(no pass changed parameter shapes)"
+        return "\n".join(lines)
 
     def diff_table(self) -> str:
         """Per-pass change of op counts (which ops each pass added or removed)."""
@@ -124,7 +125,7 @@ class Report:
 
     def __str__(self) -> str:
         blocks = self.blocks_table()
-        if blocks.startswith("(no pass"):
+        if not blocks:
             return self.table()
         return self.table() + "\nparameters and shapes per block:\n" + blocks
 
