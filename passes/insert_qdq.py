@@ -309,7 +309,7 @@ def check_annotations(gm: fx.GraphModule, annotations: Iterable[QuantAnnotation]
 
     Raises:
         PreconditionError: a group size that does not divide a linear's in_features, or a
-            weight that is not 2-D float32; the message names the site.
+            weight that is not 2-D floating point; the message names the site.
     """
     for a in annotations:
         if not a.quantized:
@@ -319,13 +319,6 @@ def check_annotations(gm: fx.GraphModule, annotations: Iterable[QuantAnnotation]
             raise PreconditionError(
                 f"insert_qdq: site {a.site}: weight must be a 2-D float tensor, got "
                 f"{w.dtype} {tuple(w.shape)}"
-            )
-        if w.dtype != torch.float32:
-            raise PreconditionError(
-                f"insert_qdq: site {a.site}: weight is {str(w.dtype).replace('torch.', '')}; "
-                "Q/DQ insertion supports float32 models only (PT2E dequantize returns float32, "
-                "which would feed float32 into the model's lower-precision ops); convert the "
-                "model with .float() before compiling"
             )
         g = a.weight.group_size
         if g is not None and w.shape[1] % g:

@@ -259,11 +259,6 @@ class InsertQDQClusters(Pass):
             elif not self.quantize_lm_head and is_lm_head(n):
                 notes.append(f"{s}: skipped, LM head left float (quantize_lm_head=False)")
             else:
-                if ir.get_param(gm, w).dtype != torch.float32:
-                    raise PreconditionError(
-                        f"insert_qdq_clusters: site {s}: weight is "
-                        f"{str(ir.get_param(gm, w).dtype).replace('torch.', '')}; Q/DQ insertion "
-                        "supports float32 models only; convert the model with .float() first")
                 width = ir.get_param(gm, w).shape[1]
                 offsets = meta.get(s)
                 if offsets is None:

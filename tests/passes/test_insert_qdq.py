@@ -267,22 +267,6 @@ def test_group_size_not_dividing_in_features_names_the_site():
     assert gm.code == code  # decided before mutating: nothing changed
 
 
-def test_float16_model_is_rejected_naming_the_site_before_mutating():
-    import compiler
-
-    m = copy.deepcopy(tiny_model("llama")).half()
-    with pytest.raises(PreconditionError, match=r"q_proj.*float16.*\.float\(\)"):
-        compiler.compile(m, passes=["insert_qdq(scheme=w8a8_dynamic)"])
-
-
-def test_float16_model_is_rejected_by_the_cluster_scheme_too(calib_batches):
-    import compiler
-
-    m = copy.deepcopy(tiny_model("llama")).half()
-    with pytest.raises(PreconditionError, match=r"insert_qdq_clusters.*float16"):
-        compiler.compile(m, passes=["insert_qdq_clusters"], calibration=calib_batches)
-
-
 @pytest.mark.parametrize("opts, match", [
     ({"scheme": "w3a8"}, "unknown scheme"),
     ({"scheme": "w4a16", "group_size": 48}, "group_size"),
