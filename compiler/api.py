@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.errors import ArtifactError, DataError, FxCompressError
+from compiler.errors import ArtifactError, DataError, FxCompressError, PreconditionError
 from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import DumpIR, Instrument, LogitsDrift, PassManager
@@ -52,8 +52,24 @@ class CompiledModel:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self._check_low_precision_qdq("calling the compiled model")
         with torch.no_grad():
             return self.graph_module(input_ids)
+
+    def _check_low_precision_qdq(self, what: str) -> None:
+        """A Q/DQ graph of a float16/bfloat16 model runs only once lowered: say so clearly."""
+        gm = self.graph_module
+        if not ir.is_quantized(gm):
+            return
+        low = sorted({str(t.dtype).replace("torch.", "")
+                      for t in [*gm.parameters(), *gm.buffers()]
+                      if t.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            raise PreconditionError(
+                f"{what}: the graph holds {'/'.join(low)} weights and PT2E Q/DQ ops, whose "
+                "dequantize returns float32; it runs only after cm.lower('triton') (the lowered "
+                "ops return the model's dtype). For a direct call or ONNX Runtime, quantize a "
+                "float32 model (model.float() before compile)")
 
     @property
     def vocab_size(self) -> int | None:
@@ -73,6 +89,7 @@ class CompiledModel:
         (``backends.ort_quant``: MatMulIntegerToFloat for int8, MatMulNBits for int4); a float
         graph goes straight through ``backends.onnxruntime.export_onnx``.
         """
+        self._check_low_precision_qdq("export_onnx")
         kwargs.setdefault("example_inputs", self.example_inputs())
         if ir.is_quantized(self.graph_module):
             from backends.ort_quant import export_quantized_onnx

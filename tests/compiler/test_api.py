@@ -145,3 +145,19 @@ def test_encoder_only_module_instance_is_rejected():
     cfg = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     with pytest.raises(UnsupportedModelError, match="BertForMaskedLM is an encoder-only"):
         compiler.compile(BertForMaskedLM(cfg), [])
+
+
+def test_fp16_qdq_graph_says_it_runs_only_after_the_triton_lowering(tmp_path):
+    import copy
+
+    from compiler.errors import PreconditionError
+
+    m = copy.deepcopy(tiny_model("llama")).half()
+    cm = compiler.compile(m, passes=["insert_qdq(scheme=w8a8_dynamic)"])
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(PreconditionError, match=r"float16 .*lower\('triton'\)"):
+        cm(ids)
+    with pytest.raises(PreconditionError, match=r"export_onnx: .*float16"):
+        cm.export_onnx(tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+    assert cm.lower("triton")(ids).dtype == torch.float16
