@@ -177,9 +177,9 @@ def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int,
     lat = time_onnx_files(paths, seqs, warmup=warmup, runs=runs, rounds=rounds,
                           vocab=CONFIG["vocab_size"])
     result = {seq: {k: dict(lat[k][seq]) for k in paths} for seq in seqs}
-    for seq in seqs:
-        for k in paths:
-            if "ort_dynamic" in paths:
+    if "ort_dynamic" in paths:
+        for seq in seqs:
+            for k in paths:
                 result[seq][k]["paired_vs_ort_dynamic"] = paired_ratio(lat, k, "ort_dynamic", seq)
     ids = torch.randint(0, CONFIG["vocab_size"], (1, seqs[0]),
                         generator=torch.Generator().manual_seed(2)).numpy()

@@ -50,6 +50,9 @@ class CompiledModel:
         self.model_class = model_class
         #: folder with tokenizer.json (the source HF folder, or the loaded artifact), if known
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        # dtypes of a low-precision Q/DQ graph (see _check_low_precision_qdq), per graph module
+        self._low_precision_checked: fx.GraphModule | None = None
+        self._low_precision: list[str] = []
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check_low_precision_qdq("calling the compiled model")
@@ -57,16 +60,20 @@ class CompiledModel:
             return self.graph_module(input_ids)
 
     def _check_low_precision_qdq(self, what: str) -> None:
-        """A Q/DQ graph of a float16/bfloat16 model runs only once lowered: say so clearly."""
+        """A Q/DQ graph of a float16/bfloat16 model runs only once lowered: say so clearly.
+
+        Scanning the graph is done once per graph module, not on every call.
+        """
         gm = self.graph_module
-        if not ir.is_quantized(gm):
-            return
-        low = sorted({str(t.dtype).replace("torch.", "")
-                      for t in [*gm.parameters(), *gm.buffers()]
-                      if t.dtype in (torch.float16, torch.bfloat16)})
-        if low:
+        if self._low_precision_checked is not gm:
+            self._low_precision = sorted(
+                {str(t.dtype).replace("torch.", "") for t in [*gm.parameters(), *gm.buffers()]
+                 if t.dtype in (torch.float16, torch.bfloat16)}
+            ) if ir.is_quantized(gm) else []
+            self._low_precision_checked = gm
+        if self._low_precision:
             raise PreconditionError(
-                f"{what}: the graph holds {'/'.join(low)} weights and PT2E Q/DQ ops, whose "
+                f"{what}: the graph holds {'/'.join(self._low_precision)} weights and PT2E Q/DQ ops, whose "
                 "dequantize returns float32; it runs only after cm.lower('triton') (the lowered "
                 "ops return the model's dtype). For a direct call or ONNX Runtime, quantize a "
                 "float32 model (model.float() before compile)")

@@ -1296,7 +1296,7 @@ def build_channel_groups(gm: fx.GraphModule) -> ChannelGroups:
     b = _Builder(gm)
     b.run()
     sp = b.sp
-    for root, why in sp.conflicts:
+    for _root, why in sp.conflicts:
         b.notes.append(f"structure conflict: {why}")
 
     graph = nx.Graph()

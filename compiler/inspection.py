@@ -71,9 +71,10 @@ def block_changes(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
     def _shape(s):
         return "x".join(map(str, s)) if s is not None else "-"
 
+    empty = {"params": 0, "shapes": {}}
     per_block = []
-    for k in list(dict.fromkeys([*before, *after])):
-        b, a = before.get(k, {"params": 0, "shapes": {}}), after.get(k, {"params": 0, "shapes": {}})
+    for k in dict.fromkeys([*before, *after]):
+        b, a = before.get(k, empty), after.get(k, empty)
         names = list(dict.fromkeys([*b["shapes"], *a["shapes"]]))
         changed = [f"{nm} {_shape(b['shapes'].get(nm))}->{_shape(a['shapes'].get(nm))}"
                    for nm in names if b["shapes"].get(nm) != a["shapes"].get(nm)]
@@ -81,20 +82,21 @@ def block_changes(before: dict[str, dict], after: dict[str, dict]) -> list[str]:
             continue
         per_block.append((k, f"{b['params']:,} -> {a['params']:,} params"
                              + (f"; {', '.join(changed)}" if changed else "")))
-    lines: list[str] = []
-    i = 0
-    while i < len(per_block):  # merge consecutive numbered blocks with the same change
-        j = i
-        while (j + 1 < len(per_block) and per_block[j + 1][1] == per_block[i][1]
-               and per_block[j + 1][0].isdigit() and per_block[j][0].isdigit()
-               and int(per_block[j + 1][0]) == int(per_block[j][0]) + 1):
-            j += 1
-        k0, k1 = per_block[i][0], per_block[j][0]
-        label = ("outside blocks" if k0 == "other" else
-                 f"block {k0}" if i == j else f"blocks {k0}-{k1} (each)")
-        lines.append(f"{label}: {per_block[i][1]}")
-        i = j + 1
-    return lines
+    runs: list[list[str]] = []  # [first block, last block, change]: consecutive equal blocks
+    for k, text in per_block:
+        last = runs[-1] if runs else None
+        if (last and text == last[2] and k.isdigit() and last[1].isdigit()
+                and int(k) == int(last[1]) + 1):
+            last[1] = k
+        else:
+            runs.append([k, k, text])
+
+    def label(k0: str, k1: str) -> str:
+        if k0 == "other":
+            return "outside blocks"
+        return f"block {k0}" if k0 == k1 else f"blocks {k0}-{k1} (each)"
+
+    return [f"{label(k0, k1)}: {text}" for k0, k1, text in runs]
 
 
 def param_table(gm: fx.GraphModule) -> list[dict]:

@@ -166,6 +166,7 @@ class PassManager:
         validate_order(self.passes, ctx, self.skip)
         probe = ctx.probe_inputs
         before_out = None
+        blocks = None  # per-block params/shapes of the current graph, kept from pass to pass
         for i, p in enumerate(self.passes, 1):
             record = PassRecord(index=len(report.records) + 1, name=p.name, spec=repr(p), exact=p.exact)
             report.records.append(record)
@@ -178,7 +179,7 @@ class PassManager:
             record.nodes_before = len(gm.graph.nodes)
             record.params_before = ir.count_params(gm)
             counts_before = ir.op_counts(gm)
-            blocks_before = block_params(gm)
+            blocks_before = blocks if blocks is not None else block_params(gm)
             if p.exact and self.check_exact and probe is not None and before_out is None:
                 before_out = _run(gm, probe)
             for inst in self.instruments:
@@ -220,9 +221,9 @@ class PassManager:
             delta = ir.op_counts(gm)
             delta.subtract(counts_before)
             record.ops_delta = {k: v for k, v in delta.items() if v}
-            blocks_after = block_params(gm)
-            if _reshaped(blocks_before, blocks_after):
-                record.blocks_before, record.blocks_after = blocks_before, blocks_after
+            blocks = block_params(gm) if result.modified else blocks_before
+            if _reshaped(blocks_before, blocks):
+                record.blocks_before, record.blocks_after = blocks_before, blocks
             ctx.properties -= set(p.destroys)
             ctx.properties |= set(p.establishes)
             ctx.history.append(p.name)

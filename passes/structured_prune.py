@@ -530,9 +530,13 @@ def taylor_terms(gm: fx.GraphModule, batches: Sequence[torch.Tensor], targets: S
             for (t, p), gr in zip(params.items(), gs):
                 if gr is None:
                     continue
-                wg = p.detach().double() * gr.detach()
-                # per sequence: sum |w * g_s|; else sum g, and |w * mean g| at the end
-                first[t] += wg.abs() if per_sequence else gr.detach()
+                if not per_sequence:  # sum g; |w * mean g| is taken once at the end
+                    first[t] += gr
+                if not (per_sequence or second_order):
+                    continue
+                wg = p.detach().double() * gr
+                if per_sequence:
+                    first[t] += wg.abs()
                 if second is not None:
                     second[t] += wg * wg
     finally:

@@ -47,6 +47,20 @@ _models: dict[str, torch.nn.Module] = {}
 _graphs: dict[str, torch.fx.GraphModule] = {}
 
 
+def load_benchmark(name: str):
+    """Import ``benchmarks/<name>.py`` as module ``name`` (registered in ``sys.modules`` so
+    dataclasses and pickling inside it resolve)."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def tiny_model(family: str) -> torch.nn.Module:
     """Seeded tiny random-init model (cached across tests; do not mutate it)."""
     if family not in _models:

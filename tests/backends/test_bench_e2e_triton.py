@@ -3,23 +3,14 @@ the no-CUDA message, and the fp16 graph the GPU timing lowers (run here on the r
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import load_benchmark
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_e2e_triton", REPO / "benchmarks" / "bench_e2e_triton.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_e2e_triton", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_e2e_triton")
 
 
 @pytest.mark.slow  # ~15 s: two tiny models through the interpreted kernels

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -10,17 +9,13 @@ from pathlib import Path
 import pytest
 
 from backends.onnxruntime import export_onnx
-from tests.conftest import tiny_graph
+from tests.conftest import load_benchmark, tiny_graph
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("ort_timing",
-                                                  REPO / "benchmarks" / "ort_timing.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("ort_timing")
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ if importlib.util.find_spec("triton") is None:
 from backends.triton import kernels
 from backends.triton import reference as ref
 from backends.triton.reference import KernelArgumentError, TritonLaunchError
+from tests.conftest import load_benchmark
 
 if not kernels.INTERPRET:
     kernels = importlib.reload(kernels)
@@ -411,13 +412,7 @@ def test_package_exposes_kernels_lazily_and_references_without_triton():
 
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_triton", REPO / "benchmarks" / "bench_triton.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_triton", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_triton")
 
 
 def test_benchmark_check_mode_passes_on_cpu_via_the_interpreter(capsys):
