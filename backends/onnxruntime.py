@@ -71,6 +71,10 @@ def export_onnx(
     external_data: bool | None = None,
     custom_translation_table: dict[Callable, Callable] | None = None,
     optimize: bool = True,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_shapes: Sequence[Mapping[int, Any]] | None = None,
+    axis_names: Mapping[str, Mapping[int, str]] | None = None,
 ) -> Path:
     """Export a GraphModule (``input_ids -> logits``) to an ONNX file, atomically.
 
@@ -91,6 +95,12 @@ def export_onnx(
         custom_translation_table: ``{torch op overload: onnxscript function}`` passed to
             ``torch.onnx.export`` for ops the exporter cannot translate itself.
         optimize: run the exporter's ONNX graph optimiser (constant folding, dead code).
+        input_names, output_names: ONNX names of the graph's inputs and outputs (default:
+            ``input_ids`` and ``logits`` for a single-input, single-output graph).
+        dynamic_shapes: ``torch.export`` dynamic shapes, one mapping per input (default:
+            dims 0 and 1 of every input dynamic).
+        axis_names: ``{input or output name: {dim: axis name}}`` for the ONNX graph's
+            symbolic dims (default: ``batch`` and ``seq`` for dims 0 and 1 of the inputs).
 
     Returns:
         The path of the written ONNX graph file.
@@ -111,8 +121,12 @@ def export_onnx(
         raise ExportError(f"cannot write ONNX model to {path}: output folder {parent} is not "
                           f"writable ({type(e).__name__}: {e.strerror or e})") from e
     try:
-        examples = _example_inputs(gm, example_inputs)
-        program = _to_onnx_program(gm, examples, opset, custom_translation_table, optimize, path)
+        # explicit dynamic shapes come with explicit examples (any dim may be small then)
+        examples = (list(example_inputs) if dynamic_shapes is not None and example_inputs
+                    is not None else _example_inputs(gm, example_inputs))
+        names = (input_names, output_names, dynamic_shapes, axis_names)
+        program = _to_onnx_program(gm, examples, opset, custom_translation_table, optimize, path,
+                                   names)
         staged = tmp / path.name
         try:
             with _quiet():
@@ -128,13 +142,17 @@ def export_onnx(
     return path
 
 
-def _to_onnx_program(gm, examples, opset, table, optimize, path) -> Any:
+def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) * 4) -> Any:
     """Re-export ``gm`` with dynamic batch/seq dims and translate it to an ``ONNXProgram``."""
     # Registers the quantized_decomposed ops so graphs carrying PT2E Q/DQ nodes re-export.
     import torch.ao.quantization.fx._decomposed
 
+    in_names, out_names, dynamic_shapes, axis_names = names
     dyn = torch.export.Dim.DYNAMIC
-    dynamic_shapes = tuple({d: dyn for d in range(min(x.dim(), 2))} for x in examples)
+    if dynamic_shapes is None:
+        dynamic_shapes = tuple({d: dyn for d in range(min(x.dim(), 2))} for x in examples)
+    else:
+        dynamic_shapes = tuple(dynamic_shapes)
     try:
         with _quiet(), torch.no_grad():
             ep = torch.export.export(gm, tuple(examples), dynamic_shapes=dynamic_shapes)
@@ -144,8 +162,8 @@ def _to_onnx_program(gm, examples, opset, table, optimize, path) -> Any:
             f"{type(e).__name__}: {_first_line(e)}"
         ) from e
     n_out = _num_outputs(ep)
-    input_names = [INPUT_NAME] if len(examples) == 1 else None
-    output_names = [OUTPUT_NAME] if n_out == 1 else None
+    input_names = list(in_names) if in_names else [INPUT_NAME] if len(examples) == 1 else None
+    output_names = list(out_names) if out_names else [OUTPUT_NAME] if n_out == 1 else None
     try:
         with _quiet():
             program = torch.onnx.export(
@@ -165,7 +183,7 @@ def _to_onnx_program(gm, examples, opset, table, optimize, path) -> Any:
             f"translating the graph to ONNX for {path} failed: {type(e).__name__}: "
             f"{_first_line(e)}"
         ) from e
-    _name_dynamic_axes(program)
+    _name_dynamic_axes(program, axis_names)
     return program
 
 
@@ -202,16 +220,25 @@ def _num_outputs(ep) -> int:
     return len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
 
 
-def _name_dynamic_axes(program) -> None:
-    """Rename the exporter's symbolic dims (``s72``...) of dims 0/1 to ``batch``/``seq``."""
+def _name_dynamic_axes(program, axis_names: Mapping[str, Mapping[int, str]] | None = None) -> None:
+    """Rename the exporter's symbolic dims (``s72``...): by default dims 0/1 of the inputs to
+    ``batch``/``seq``; with ``axis_names``, the given dims of the named inputs and outputs."""
     mapping = {}
-    for value in list(program.model.graph.inputs):
+    graph = program.model.graph
+    for value in [*graph.inputs, *graph.outputs]:
         shape = value.shape
         if shape is None:
             continue
-        for i, name in enumerate(AXIS_NAMES[: len(shape)]):
-            dim = shape[i]
-            if not isinstance(dim, int) and getattr(dim, "value", None) is not None:
+        if axis_names is None:
+            if value not in graph.inputs:
+                continue
+            wanted = dict(enumerate(AXIS_NAMES[: len(shape)]))
+        else:
+            wanted = dict(axis_names.get(value.name, {}))
+        for i, name in wanted.items():
+            dim = shape[i] if i < len(shape) else None
+            if dim is not None and not isinstance(dim, int) \
+                    and getattr(dim, "value", None) is not None:
                 mapping.setdefault(dim.value, name)
     if mapping:
         program.rename_axes(mapping)

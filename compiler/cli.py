@@ -1,8 +1,9 @@
-"""The ``fxcompress`` command line: demo, compile, eval, inspect, passes.
+"""The ``fxcompress`` command line: demo, compile, eval, inspect, generate, passes.
 
     fxcompress demo                                   # the main job on a built-in default
     fxcompress compile MODEL --passes "smoothquant(alpha=0.5), insert_qdq(scheme=w8a8)" \\
-        --calib tinystories:128x256 -o out/model [--onnx]
+        --calib tinystories:128x256 -o out/model [--onnx] [--genai]
+    fxcompress generate ARTIFACT_OR_GENAI_FOLDER --prompt "Once upon a time" [--onnx]
     fxcompress compile MODEL --recipe recipe.yaml -o out/model
     fxcompress eval MODEL_OR_ARTIFACT_OR_ONNX --data tinystories --windows 256
     fxcompress inspect MODEL_OR_ARTIFACT [--params] [--diff]
@@ -79,7 +80,138 @@ def cmd_compile(args) -> int:
 
         path = cm.export_onnx(out / "model.onnx")
         print(f"exported ONNX to {path} ({file_size(path) / 1e6:.2f} MB)")
+    if args.genai:
+        from backends.onnxruntime import file_size
+
+        folder = cm.export_genai(out / "genai", overwrite=True)
+        size = file_size(folder / "model.onnx")
+        print(f"wrote ONNX Runtime GenAI folder {folder}/ (KV cache; {size / 1e6:.2f} MB); "
+              f"run it with: fxcompress generate {folder} --prompt \"...\"")
     return 0
+
+
+def _encode_prompt(args, tok_dir: Path | None):
+    """(prompt ids [1, S], tokenizer or None) from --prompt (needs a tokenizer) or --ids."""
+    import torch
+
+    if (args.prompt is None) == (args.ids is None):
+        raise FxCompressError("give the prompt as --prompt TEXT or as --ids 1,2,3 (one of them)")
+    if args.ids is not None:
+        try:
+            ids = [int(t) for t in args.ids.replace(" ", "").split(",") if t]
+        except ValueError as e:
+            raise FxCompressError(f"--ids must be comma-separated integers, got {args.ids!r}") from e
+        if not ids:
+            raise FxCompressError("--ids is empty")
+        tokenizer = None
+        if tok_dir is not None and (tok_dir / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        return torch.tensor([ids]), tokenizer
+    if tok_dir is None or not (tok_dir / "tokenizer.json").is_file():
+        raise FxCompressError(
+            f"{args.model} has no tokenizer (tokenizer.json), so a text prompt cannot be encoded; "
+            "give token ids with --ids 1,2,3 instead")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    ids = tokenizer.encode(args.prompt).ids
+    if not ids:
+        raise FxCompressError("the prompt encodes to no tokens")
+    return torch.tensor([ids]), tokenizer
+
+
+def cmd_generate(args) -> int:
+    import contextlib
+    import tempfile
+
+    import compiler
+    from compiler.generation import GenerationStats, SamplingOptions, TextPrinter
+
+    options = {"max_new_tokens": args.max_new_tokens, "do_sample": args.sample,
+               "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+               "seed": args.seed}
+    try:
+        SamplingOptions.from_kwargs(**options)
+    except ValueError as e:
+        raise FxCompressError(str(e)) from e
+    folder = Path(args.model)
+    genai_folder = (folder / "genai_config.json").is_file()
+    cm = None
+    if genai_folder:
+        tok_dir, context = folder, _genai_context(folder)
+    else:
+        cm = compiler.load(args.model) if _is_artifact(args.model) else compiler.compile(args.model)
+        tok_dir, context = cm.tokenizer_dir, cm.context_length
+    ids, tokenizer = _encode_prompt(args, tok_dir)
+    if context is not None and ids.shape[1] >= context:
+        raise FxCompressError(f"the prompt has {ids.shape[1]} tokens and the model's context "
+                              f"length is {context}: shorten the prompt")
+    stats = GenerationStats()
+    printer = TextPrinter(tokenizer, skip_prompt=False) if tokenizer is not None else None
+    use_onnx = genai_folder or args.onnx
+    runtime = args.runtime or ("genai" if _has_genai() else "ort")
+    with contextlib.ExitStack() as stack:
+        if use_onnx and cm is not None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fxcompress-gen-")))
+            print(f"exporting the KV-cache ONNX ({runtime}) ...", file=sys.stderr)
+            folder = cm.export_genai(tmp / "genai")
+        try:
+            out = _run_generation(use_onnx, runtime, cm, folder, ids, options, printer, stats,
+                                  args.threads)
+        except ValueError as e:
+            raise FxCompressError(str(e)) from e
+    if printer is None:
+        print(",".join(str(t) for t in out[ids.shape[1]:]))
+    where = f"ONNX Runtime{' GenAI' if runtime == 'genai' else ''}" if use_onnx else "torch graph"
+    print(f"[{where}] {stats}", file=sys.stderr)
+    return 0
+
+
+def _run_generation(use_onnx, runtime, cm, folder, ids, options, printer, stats, threads):
+    if not use_onnx:
+        out = cm.generate(ids, streamer=printer, **options)
+        stats.__dict__.update(cm.generation_stats.__dict__)
+        return out[0].tolist()
+    if runtime == "genai":
+        from backends.genai import genai_generate
+
+        if threads is not None:
+            raise FxCompressError("--threads applies to --runtime ort; ONNX Runtime GenAI reads "
+                                  "session_options in genai_config.json")
+        if printer is not None:
+            printer.put(ids)
+        out = genai_generate(folder, ids, stats=stats,
+                             streamer=(lambda t: printer.put(_as_tensor(t))) if printer else None,
+                             **options)
+        if printer is not None:
+            printer.end()
+        return out
+    from backends.genai import ORTCausalLM
+
+    model = ORTCausalLM(folder, threads=threads)
+    out = model.generate(ids, streamer=printer, **options)
+    stats.__dict__.update(model.stats.__dict__)
+    return out[0].tolist()
+
+
+def _as_tensor(token: int):
+    import torch
+
+    return torch.tensor([token])
+
+
+def _has_genai() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def _genai_context(folder: Path) -> int | None:
+    from backends.genai import read_genai_config
+
+    return read_genai_config(folder)["model"].get("context_length")
 
 
 def _parse_skip(values) -> set:
@@ -164,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib", help="calibration data spec, e.g. tinystories:128x256")
     c.add_argument("-o", "--output", required=True, help="output folder for the artifact")
     c.add_argument("--onnx", action="store_true", help="also export model.onnx into the folder")
+    c.add_argument("--genai", action="store_true",
+                   help="also write an ONNX Runtime GenAI folder (KV cache) into OUTPUT/genai")
     c.add_argument("--dump-ir", help="write numbered graph dumps into this folder")
     c.add_argument("--skip", action="append", help="pass name or 1-based index to skip")
     c.add_argument("--overwrite", action="store_true")
@@ -183,6 +317,24 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--params", action="store_true", help="list every parameter with its site")
     i.set_defaults(func=cmd_inspect)
+
+    gn = sub.add_parser("generate", help="generate text with the KV cache, streaming tokens")
+    gn.add_argument("model", help="compiled artifact, GenAI folder (genai_config.json) or model")
+    gn.add_argument("--prompt", help="prompt text (encoded with the model's tokenizer)")
+    gn.add_argument("--ids", help="prompt as comma-separated token ids instead of text")
+    gn.add_argument("--max-new-tokens", type=int, default=64)
+    gn.add_argument("--onnx", action="store_true",
+                    help="run the ONNX export (implied for a GenAI folder); default: the graph")
+    gn.add_argument("--runtime", choices=("genai", "ort"),
+                    help="ONNX runner: onnxruntime-genai's loop (default when installed) or "
+                         "ONNX Runtime with fxcompress's loop")
+    gn.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gn.add_argument("--temperature", type=float, default=1.0)
+    gn.add_argument("--top-k", type=int, default=0, help="0: off")
+    gn.add_argument("--top-p", type=float, default=1.0)
+    gn.add_argument("--seed", type=int, help="random seed for --sample")
+    gn.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--runtime ort)")
+    gn.set_defaults(func=cmd_generate)
 
     ps = sub.add_parser("passes", help="list the registered passes")
     ps.set_defaults(func=cmd_passes)
