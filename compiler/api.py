@@ -27,6 +27,7 @@ from torch import fx
 from compiler import ir
 from compiler.errors import ArtifactError, DataError, FxCompressError, PreconditionError
 from compiler.frontend import export_program, load_model, normalize, trace
+from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import DumpIR, Instrument, LogitsDrift, PassManager
 from compiler.registry import make_pass
@@ -53,6 +54,9 @@ class CompiledModel:
         # dtypes of a low-precision Q/DQ graph (see _check_low_precision_qdq), per graph module
         self._low_precision_checked: fx.GraphModule | None = None
         self._low_precision: list[str] = []
+        self._kv: tuple | None = None  # ((graph module, cache_heads), KVCacheGraph)
+        #: timing of the last :meth:`generate` (prefill seconds, decode tokens/s)
+        self.generation_stats = GenerationStats()
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         self._check_low_precision_qdq("calling the compiled model")
@@ -105,6 +109,79 @@ class CompiledModel:
         from backends.onnxruntime import export_onnx
 
         return export_onnx(self.graph_module, path, **kwargs)
+
+    def kv_cache(self, *, cache_heads: int | None = None):
+        """The graph rewritten to carry a KV cache (``compiler.kv_cache``), built once per graph.
+
+        ``cache_heads`` pads every layer's cache to that many kv heads (see
+        :func:`compiler.kv_cache.with_kv_cache`).
+        """
+        from compiler.kv_cache import with_kv_cache
+
+        key = (self.graph_module, cache_heads)
+        if self._kv is None or self._kv[0] != key:
+            self._kv = (key, with_kv_cache(self.graph_module, cache_heads=cache_heads))
+        return self._kv[1]
+
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence the model was built for (``max_position_embeddings``), if known."""
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if self.config.get(key):
+                return int(self.config[key])
+        return None
+
+    def generate(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                 streamer: Any = None, **options: Any) -> torch.Tensor:
+        """Generate on the compiled graph with its KV cache; returns prompt + new ids.
+
+        Args:
+            input_ids: ``[batch, seq]`` prompt ids (left-pad rows of different lengths).
+            attention_mask: ``[batch, seq]``, 0 at left padding (default all ones).
+            streamer: a Hugging Face style streamer (``put``/``end``) or a callable receiving
+                each new ``[batch]`` token tensor.
+            **options: ``max_new_tokens=64``, ``do_sample=False``, ``temperature``,
+                ``top_k``, ``top_p``, ``eos_token_id`` (default: the config's), ``seed``.
+
+        Raises:
+            ValueError: unknown or invalid option, bad prompt shape, prompt longer than the
+                context length.
+        """
+        from compiler.generation import SamplingOptions
+        from compiler.generation import generate as run_generation
+
+        self._check_low_precision_qdq("generate")
+        options.setdefault("eos_token_id", self.config.get("eos_token_id"))
+        opts = SamplingOptions.from_kwargs(**options)
+        if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        kv = self.kv_cache()
+        batch = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else 0
+        self.generation_stats = GenerationStats()
+        return run_generation(kv, input_ids, kv.empty_cache(batch), attention_mask=attention_mask,
+                              options=opts, streamer=streamer, max_length=self.context_length,
+                              stats=self.generation_stats)
+
+    def export_genai(self, folder: str | os.PathLike, *, overwrite: bool = False,
+                     accuracy_level: int = 0, context_length: int | None = None,
+                     threads: int | None = None) -> Path:
+        """Write an ONNX Runtime GenAI folder (``backends.genai``): KV-cache ONNX, config, tokenizer.
+
+        ``onnxruntime_genai.Model(folder)`` loads it; ``fxcompress generate FOLDER`` runs it.
+        Quantized graphs lower to ORT's integer kernels as in :meth:`export_onnx`. Written
+        atomically; an existing non-empty folder needs ``overwrite=True``.
+        """
+        from backends.genai import export_genai
+
+        self._check_low_precision_qdq("export_genai")
+        kv = self.kv_cache()
+        heads = {layer.kv_heads for layer in kv.layers}
+        if len(heads) > 1:  # pruning left layers with different kv-head counts
+            kv = self.kv_cache(cache_heads=max(heads))
+        return export_genai(kv, folder, config=self.config, tokenizer_dir=self.tokenizer_dir,
+                            overwrite=overwrite, accuracy_level=accuracy_level,
+                            context_length=context_length or self.context_length,
+                            threads=threads)
 
     def lower(self, backend: str = "triton", **kwargs: Any) -> fx.GraphModule:
         """Lower to a kernel backend; returns a lowered copy callable as ``input_ids -> logits``.
@@ -192,6 +269,9 @@ class CompiledModel:
                 raise ArtifactError(f"{f}: {size} bytes, manifest says {entry.get('bytes')} (truncated?)")
             if _sha256(f) != entry.get("sha256"):
                 raise ArtifactError(f"{f}: SHA-256 does not match the manifest (file was modified)")
+        # registers the PT2E quantized_decomposed ops, which a quantized program refers to
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
         try:
             with _weights_only_loads():
                 ep = torch.export.load(directory / "program.pt2")
