@@ -436,8 +436,10 @@ def compile(
     report.extra["trace_seconds"] = round(trace_seconds, 3)
     report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
     tok = None
-    if isinstance(model_spec, (str, os.PathLike)) and (Path(model_spec) / "tokenizer.json").is_file():
-        tok = Path(model_spec)
+    if isinstance(model_spec, (str, os.PathLike)):
+        from compiler.frontend import tokenizer_dir_of
+
+        tok = tokenizer_dir_of(model_spec)
     return CompiledModel(gm, report, config=gm.meta.get("fxcompress_config", {}),
                          model_class=gm.meta.get("fxcompress_model_class", type(model).__name__),
                          tokenizer_dir=tok)

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from compiler.errors import DataError
+from compiler.frontend import tokenizer_dir_of
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,9 @@ def load_tokenizer(model_dir: str | os.PathLike):
     ``bos_token_id`` of ``config.json`` / ``generation_config.json`` is used.
 
     Args:
-        model_dir: a Hugging Face model folder holding ``tokenizer.json``.
+        model_dir: a Hugging Face model folder holding ``tokenizer.json``, or a folder whose
+            tokenizer :func:`compiler.frontend.tokenizer_dir_of` finds (the GGUF layout's
+            ``hf/``).
 
     Returns:
         A ``transformers.PreTrainedTokenizerFast`` (``bos_token_id`` set when the folder
@@ -192,7 +195,7 @@ def load_tokenizer(model_dir: str | os.PathLike):
     """
     from transformers import PreTrainedTokenizerFast
 
-    model_dir = Path(model_dir)
+    model_dir = tokenizer_dir_of(model_dir) or Path(model_dir)
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise DataError(

@@ -8,6 +8,8 @@ sequence dims; ``.module()`` gives the GraphModule every pass works on.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -86,7 +88,10 @@ def load_model(spec: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
 
     Args:
         spec: an ``nn.Module`` (returned as is, in eval mode); a path to a local Hugging Face
-            folder (``config.json`` + weights); a transformers ``PretrainedConfig`` or a path to a
+            folder (``config.json`` + weights); a GGUF checkpoint (see :func:`find_gguf`: a
+            folder with ``gguf/<one file>.gguf`` and ``hf/config.json``, a folder with one
+            ``.gguf`` file and optionally ``config.json``, or the ``.gguf`` file itself),
+            dequantized to ``dtype``; a transformers ``PretrainedConfig`` or a path to a
             ``config.json`` (random init with ``seed``); or ``"tiny-<family>"`` (``tiny-llama``...).
         seed: seed for random init.
         dtype: parameter dtype.
@@ -95,8 +100,9 @@ def load_model(spec: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
         The model in eval mode.
 
     Raises:
-        UnsupportedModelError: missing path, unknown family, or a model that is not a
-            decoder-only causal LM (encoder-only, seq2seq).
+        UnsupportedModelError: missing path, unknown family, a model that is not a decoder-only
+            causal LM (encoder-only, seq2seq), or a GGUF checkpoint that is missing, ambiguous
+            (several ``.gguf`` files), unreadable, or needs a package that is not installed.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
@@ -113,15 +119,22 @@ def load_model(spec: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
             f"model path {str(path)!r} does not exist (expected a local Hugging Face folder, a "
             f"config.json, or 'tiny-<family>' with family in {sorted(TINY_CONFIGS)})"
         )
+    if path.is_file() and path.suffix == ".gguf":
+        return load_gguf(path, dtype=dtype)
     if path.is_file():
         if path.suffix != ".json":
-            raise UnsupportedModelError(f"{path}: expected a folder or a config.json")
+            raise UnsupportedModelError(f"{path}: expected a folder, a config.json or a .gguf file")
         config = AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else (
             PretrainedConfig.from_dict(json.loads(path.read_text()))
         )
         return _from_config(config, seed, dtype)
+    if is_gguf_folder(path):
+        return load_gguf(find_gguf(path), dtype=dtype)
     if not (path / "config.json").exists():
-        raise UnsupportedModelError(f"{path}: no config.json in this folder")
+        raise UnsupportedModelError(
+            f"{path}: no config.json in this folder (expected a Hugging Face folder, or a GGUF "
+            "folder: gguf/<model>.gguf + hf/config.json)"
+        )
     config = AutoConfig.from_pretrained(str(path))
     _check_config(config)
     try:
@@ -129,6 +142,171 @@ def load_model(spec: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) 
     except (OSError, ValueError) as e:
         raise UnsupportedModelError(f"{path}: could not load weights: {e}") from e
     return model.eval()
+
+
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")
+
+
+def is_gguf_folder(path: Path) -> bool:
+    """True if ``path`` is a folder whose weights are a GGUF checkpoint (see :func:`find_gguf`).
+
+    A folder with Hugging Face weights (``model.safetensors``...) is a Hugging Face folder even
+    if it also holds a ``.gguf`` file.
+    """
+    if not path.is_dir() or any((path / f).exists() for f in _HF_WEIGHTS):
+        return False
+    return (path / "gguf").is_dir() or any(path.glob("*.gguf"))
+
+
+def find_gguf(path: str | os.PathLike) -> Path:
+    """The one ``.gguf`` file of a GGUF model folder.
+
+    Layouts: ``<path>/gguf/<one file>.gguf`` (with ``<path>/hf/`` holding config.json and the
+    tokenizer, as ``shared/data/smollm2-135m-instruct-q4_1``), or ``<path>/<one file>.gguf``.
+
+    Raises:
+        UnsupportedModelError: no ``.gguf`` file, or more than one (ambiguous).
+    """
+    path = Path(path)
+    where = path / "gguf" if (path / "gguf").is_dir() else path
+    files = sorted(f for f in where.glob("*.gguf") if f.is_file())
+    if not files:
+        raise UnsupportedModelError(
+            f"{where}: no .gguf file in this folder (a GGUF model folder holds exactly one)"
+        )
+    if len(files) > 1:
+        raise UnsupportedModelError(
+            f"{where}: {len(files)} .gguf files ({', '.join(f.name for f in files)}); ambiguous, "
+            "give the path of the one to load"
+        )
+    return files[0]
+
+
+def _gguf_config_dir(gguf_file: Path) -> Path | None:
+    """The folder whose config.json describes ``gguf_file``: beside it, or the layout's ``hf/``."""
+    for d in (gguf_file.parent, gguf_file.parent.parent / "hf"):
+        if (d / "config.json").is_file():
+            return d
+    return None
+
+
+def _require_package(name: str, what: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        raise UnsupportedModelError(
+            f"{what} needs the {name!r} package, which is not installed: pip install {name} "
+            "(or pip install 'fxcompress[gguf]')"
+        ) from e
+
+
+@contextlib.contextmanager
+def _memoized_gguf_name_map():
+    """Memoize ``gguf.get_tensor_name_map`` while transformers maps tensor names.
+
+    transformers rebuilds the same name table once per submodule (about 400 times, 6 s of a
+    135M model's load on 2 cores); the table is a pure function of (architecture, layers).
+    """
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def load_gguf(gguf_file: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a GGUF checkpoint as a dense transformers causal LM in ``dtype``.
+
+    Every weight is dequantized at load (a Q4_1 file gives float32 weights that sit exactly on
+    its 4-bit grid). The config is the ``config.json`` beside the file or in the layout's
+    ``hf/`` folder when there is one, else the file's own metadata. Loads through
+    ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``, which needs the ``gguf`` and
+    ``accelerate`` packages (``pip install 'fxcompress[gguf]'``).
+
+    Raises:
+        UnsupportedModelError: a package is missing, or the file is unreadable or not a
+            supported decoder-only architecture; the message names the file.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    gguf_file = Path(gguf_file)
+    try:
+        with open(gguf_file, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UnsupportedModelError(f"{gguf_file}: cannot read: {e}") from e
+    if magic != b"GGUF":
+        raise UnsupportedModelError(
+            f"{gguf_file}: not a GGUF file (it does not start with the GGUF magic bytes; corrupt "
+            "or misnamed?)"
+        )
+    _require_package("gguf", f"loading {gguf_file.name}")
+    _require_package("accelerate", f"loading {gguf_file.name}")
+    kwargs: dict[str, Any] = {}
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+
+        # Dense float weights even where transformers could keep GGUF blocks packed: passes
+        # rewrite plain linears.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantize
+        pass
+    config_dir = _gguf_config_dir(gguf_file)
+    try:
+        if config_dir is not None:
+            kwargs["config"] = AutoConfig.from_pretrained(str(config_dir))
+            _check_config(kwargs["config"])
+        with _memoized_gguf_name_map():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_file.parent), gguf_file=gguf_file.name, dtype=dtype,
+                local_files_only=True, **kwargs,
+            )
+    except UnsupportedModelError:
+        raise
+    except Exception as e:  # gguf and transformers raise many kinds on a bad file; name it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UnsupportedModelError(
+            f"{gguf_file}: cannot load this GGUF checkpoint (corrupt or truncated file, or an "
+            f"architecture transformers cannot read): {type(e).__name__}: {first}"
+        ) from e
+    _check_config(model.config)
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        raise UnsupportedModelError(
+            f"{gguf_file}: transformers kept a GGUF quantizer on the model; expected dense weights"
+        )
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != dtype})
+    if bad:
+        raise UnsupportedModelError(
+            f"{gguf_file}: loaded with {', '.join(bad)} parameters, expected {dtype} (weights left "
+            "packed?)"
+        )
+    log.info("loaded %s (%s, %d layers)", gguf_file, type(model).__name__,
+             getattr(model.config, "num_hidden_layers", -1))
+    return model.eval()
+
+
+def tokenizer_dir_of(path: str | os.PathLike) -> Path | None:
+    """The folder holding the ``tokenizer.json`` of a model path, or None.
+
+    ``path`` itself for a Hugging Face folder; ``path/hf`` for the GGUF layout
+    (``gguf/<model>.gguf`` + ``hf/``); for a file (config.json, a ``.gguf``), the same lookup
+    from its folder; for the layout's ``gguf/`` folder (or a file in it), the sibling ``hf/``.
+    """
+    path = Path(os.fspath(path))
+    base = path.parent if path.is_file() else path
+    candidates = [base, base / "hf"]
+    if any(base.glob("*.gguf")):  # the layout's gguf/ folder itself
+        candidates.append(base.parent / "hf")
+    for d in candidates:
+        if (d / "tokenizer.json").is_file():
+            return d
+    return None
 
 
 def _from_config(config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
