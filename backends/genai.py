@@ -59,10 +59,12 @@ DEFAULT_CONTEXT = 2048
 
 
 def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
-                   external_data: bool | None = True) -> Path:
+                   external_data: bool | None = True, fused: bool = True) -> Path:
     """Export a :class:`compiler.kv_cache.KVCacheGraph` to ONNX with the GenAI IO names.
 
-    A quantized graph is lowered to ORT's integer kernels first (``MatMulIntegerToFloat``,
+    With ``fused`` (default) norms and cached attention lower to ORT's fused kernels
+    (``backends.ort_fused``: exact for batches without padding; see its contract). A
+    quantized graph is lowered to ORT's integer kernels (``MatMulIntegerToFloat``,
     ``MatMulNBits`` with ``accuracy_level``). Written atomically.
 
     Raises:
@@ -70,12 +72,19 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
     """
     from backends.onnxruntime import export_onnx
 
-    gm, table = kv.graph_module, None
+    gm, table = kv.graph_module, {}
+    if fused:
+        from backends import ort_fused
+
+        gm, stats = ort_fused.lower_fused(kv)
+        table.update(ort_fused.translation_table())
+        for note in stats.notes:
+            log.info("fused lowering: %s", note)
     if ir.is_quantized(gm):
         from backends.ort_quant import lower_for_ort, translation_table
 
         gm, _ = lower_for_ort(gm, accuracy_level=accuracy_level)
-        table = translation_table()
+        table.update(translation_table())
     dim = torch.export.Dim
     batch, seq = dim("batch_size", max=4096), dim("sequence_length", max=65536)
     past_len = dim("past_sequence_length", max=65536)
@@ -96,7 +105,7 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in names_out[1:]:
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
-    return export_onnx(gm, path, example_inputs=examples, custom_translation_table=table,
+    return export_onnx(gm, path, example_inputs=examples, custom_translation_table=table or None,
                        input_names=names_in, output_names=names_out, dynamic_shapes=shapes,
                        axis_names=axes, external_data=external_data)
 
@@ -167,7 +176,7 @@ def genai_config(kv, config: dict, *, context_length: int | None = None,
 def export_genai(kv, folder: str | os.PathLike, *, config: dict,
                  tokenizer_dir: str | os.PathLike | None, overwrite: bool = False,
                  accuracy_level: int = 0, context_length: int | None = None,
-                 threads: int | None = None) -> Path:
+                 threads: int | None = None, fused: bool = True) -> Path:
     """Write the GenAI folder (see the module doc) atomically: all of it or nothing.
 
     Args:
@@ -179,6 +188,7 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
         accuracy_level: ``MatMulNBits`` accuracy level for int4 weights.
         context_length: default: the config's ``max_position_embeddings``.
         threads: ``intra_op_num_threads`` in the session options (default: ORT's).
+        fused: lower norms and attention to ORT's fused kernels (``backends.ort_fused``).
 
     Raises:
         ArtifactError: the target exists and is not empty, or cannot be written.
@@ -198,7 +208,7 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
     except OSError as e:
         raise ArtifactError(f"cannot write the GenAI folder {folder}: {e}") from e
     try:
-        export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level)
+        export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level, fused=fused)
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=4))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

@@ -164,11 +164,13 @@ class CompiledModel:
 
     def export_genai(self, folder: str | os.PathLike, *, overwrite: bool = False,
                      accuracy_level: int = 0, context_length: int | None = None,
-                     threads: int | None = None) -> Path:
+                     threads: int | None = None, fused: bool = True) -> Path:
         """Write an ONNX Runtime GenAI folder (``backends.genai``): KV-cache ONNX, config, tokenizer.
 
         ``onnxruntime_genai.Model(folder)`` loads it; ``fxcompress generate FOLDER`` runs it.
-        Quantized graphs lower to ORT's integer kernels as in :meth:`export_onnx`. Written
+        Quantized graphs lower to ORT's integer kernels as in :meth:`export_onnx`; norms and
+        attention to ORT's fused kernels unless ``fused=False`` (``backends.ort_fused``: exact
+        for batches without padding; the unfused graph also masks left padding). Written
         atomically; an existing non-empty folder needs ``overwrite=True``.
         """
         from backends.genai import export_genai
@@ -181,7 +183,7 @@ class CompiledModel:
         return export_genai(kv, folder, config=self.config, tokenizer_dir=self.tokenizer_dir,
                             overwrite=overwrite, accuracy_level=accuracy_level,
                             context_length=context_length or self.context_length,
-                            threads=threads)
+                            threads=threads, fused=fused)
 
     def lower(self, backend: str = "triton", **kwargs: Any) -> fx.GraphModule:
         """Lower to a kernel backend; returns a lowered copy callable as ``input_ids -> logits``.
@@ -270,7 +272,7 @@ class CompiledModel:
             if _sha256(f) != entry.get("sha256"):
                 raise ArtifactError(f"{f}: SHA-256 does not match the manifest (file was modified)")
         # registers the PT2E quantized_decomposed ops, which a quantized program refers to
-        import torch.ao.quantization.fx._decomposed  # noqa: F401
+        import torch.ao.quantization.fx._decomposed
 
         try:
             with _weights_only_loads():

@@ -77,6 +77,10 @@ class CacheLayer:
     #: heads the layer computes (fewer than ``kv_heads`` when the cache is padded to a
     #: uniform head count; the extra heads hold zeros and are never read)
     used_heads: int = 0
+    #: fx node names in the rewritten graph (stable under deepcopy), for lowerings that fuse
+    #: the attention: the SDPA, the new key/value ``[B, heads, T, D]`` before the cache, the
+    #: past placeholders and the present outputs
+    nodes: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -370,7 +374,11 @@ def with_kv_cache(gm: fx.GraphModule, *, cache_heads: int | None = None,
                   if k not in ("attn_mask", "dropout_p", "is_causal")}
         sdpa.args = (*sdpa.args[:3], sdpa_masks[dtype])
         sdpa.kwargs = kwargs
-        layers.append(CacheLayer(i, ir.site(sdpa), dims[0][0], dims[0][1], dims[1][1], used_heads))
+        names = {"sdpa": sdpa.name, "key": roots[0][0].name, "value": roots[1][0].name,
+                 "past_key": past[2 * i].name, "past_value": past[2 * i + 1].name, "present_key": presents[2 * i].name,
+                 "present_value": presents[2 * i + 1].name}
+        layers.append(CacheLayer(i, ir.site(sdpa), dims[0][0], dims[0][1], dims[1][1],
+                                 used_heads, names))
     # mutate: positions
     per_row = True
     for node, offset in frontier:
@@ -474,6 +482,13 @@ def check_kv_cache(kv: KVCacheGraph, reference: fx.GraphModule, *, prompt: int =
     vocab = (reference.meta.get("fxcompress_config") or {}).get("vocab_size") or 2
     ids = torch.randint(0, int(vocab), (1, prompt + steps),
                         generator=torch.Generator().manual_seed(seed))
+    if ir.is_quantized(reference):
+        # Activation rounding turns float noise between a 1-token and a T-token matmul into a
+        # whole quantization step wherever a value sits at a rounding boundary (seen on the
+        # 134M model: 0.05 on the logits). The rewrite does not touch Q/DQ nodes, so it is
+        # checked on both graphs with activation quantize -> dequantize pairs removed.
+        reference = without_activation_qdq(reference)
+        kv = KVCacheGraph(without_activation_qdq(kv.graph_module), kv.layers)
     with torch.no_grad():
         full = reference(ids)
         full = full[0] if isinstance(full, (tuple, list)) else full
@@ -486,6 +501,31 @@ def check_kv_cache(kv: KVCacheGraph, reference: fx.GraphModule, *, prompt: int =
             f"forward by {diff:.3g} (tolerance {tol:.3g})")
     log.debug("kv cache check: max diff %.3g over %d positions", diff, prompt + steps)
     return diff
+
+
+def without_activation_qdq(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` where every ``dequantize(quantize(x))`` of an activation reads ``x``.
+
+    Weights (``dequantize`` of a parameter) stay as they are; what remains is the float
+    function the quantized graph rounds.
+    """
+    gm = copy.deepcopy(gm)
+    for n in list(gm.graph.nodes):
+        if not (_is_qd(n, "dequantize") and isinstance(n.args[0], fx.Node)
+                and _is_qd(n.args[0], "quantize")):
+            continue
+        x = n.args[0].args[0]
+        if isinstance(x, fx.Node) and x.op != "get_attr":
+            n.replace_all_uses_with(x)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _is_qd(n: fx.Node, prefix: str) -> bool:
+    return n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and \
+        n.target.namespace == "quantized_decomposed" and \
+        n.target._schema.name.split("::")[-1].startswith(prefix)
 
 
 def decode_logits(kv: KVCacheGraph, ids: torch.Tensor, prompt: int,
