@@ -26,10 +26,14 @@ Variants, all from the same Hugging Face folder:
   onnxruntime_genai.models.builder -i <hf> -o <out> -p fp32|int8|int4 -e cpu``. Its int8 and int4
   are ``MatMulNBits`` with block 32 and ``accuracy_level=4`` (int8 compute inside the kernel:
   activations are quantized per block), LM head included;
-- ``ours_fp32`` / ``ours_w8a8`` (SmoothQuant alpha 0.5, then W8A8) / ``ours_w4a16``:
+- ``ours_fp32`` / ``ours_w8a8`` (SmoothQuant alpha 0.5, then W8A8 static, ``MatMulIntegerToFloat``)
+  / ``ours_w4a16`` (group 128, ``MatMulNBits`` accuracy_level 0: fp32 compute, true A16):
   ``compiler.compile(<hf>, passes=..., calibration=32 x 512 random ids, seed 1)`` then
-  ``CompiledModel.export_genai(<out>)``. These rows are skipped, with a note under the table,
-  while ``export_genai`` does not exist.
+  ``CompiledModel.export_genai(<out>)``. ``ours_w4a16_acc4`` is the same W4A16 graph exported with
+  ``accuracy_level=4``, the kernel path the builder's int4 uses (a like-for-like kernel pair).
+  Our LM head and embeddings stay float (``insert_qdq``'s defaults); the builder quantizes the LM
+  head. These rows are skipped, with a note under the table, while ``export_genai`` does not
+  exist.
 
 The thread count lives in each folder's ``genai_config.json``: ``model.decoder.session_options
 .intra_op_num_threads`` is set to ``--threads`` after the folder is built (ORT GenAI has no
@@ -48,20 +52,24 @@ out) and greedy search; ``--warmup`` untimed runs, then ``--runs`` timed ones:
 
 Reported: per variant the median over all runs of all rounds (with the spread of the per-round
 medians); per round the paired speed-up against ``--baseline`` (default ``builder_fp32``) and for
-each ours-vs-builder pair (fp32 vs fp32, W8A8 vs int8, W4A16 vs int4), then the median, min and
-max over the rounds. Speed-ups are > 1 when the first of the pair is faster (prefill: time ratio
-builder / ours; decode: tokens/s ratio ours / builder). Size: total bytes of the model files
-(``*.onnx`` plus external data) in the folder.
+each ours-vs-builder pair (fp32 vs fp32, W8A8 vs int8, W4A16 and W4A16 acc4 vs int4), then the
+median, min and max over the rounds. Speed-ups are > 1 when the first of the pair is faster
+(prefill: time ratio builder / ours; decode: tokens/s ratio ours / builder). Size: total bytes
+of the model files (``*.onnx`` plus external data) in the folder.
 
 Run: ``python benchmarks/bench_generate.py [--model llama134m|smollm2] [--rounds 5] [--reuse]
 [--workdir out/bench_generate] [--variants ...] [--out results.md]``; ``--smoke`` for the test.
 Built folders are cached under ``<workdir>/<model>/``; ``--reuse`` keeps any whose recorded
-recipe matches (without it every folder is rebuilt).
+recipe matches (ours: passes, calibration, accuracy level and a hash of the compiler's sources;
+builder: precision and onnxruntime-genai version); without it every folder is rebuilt. One of our variants that fails to build
+(``compile`` or ``export_genai`` raises) is left out with the error under the table, the others
+still run, and the exit status is 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -84,17 +92,19 @@ SMOLLM2 = "smollm2-135m-instruct-q4_1"
 SMOKE_CONFIG = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                 "num_key_value_heads": 4, "intermediate_size": 256, "vocab_size": 1024,
                 "max_position_embeddings": 256, "tie_word_embeddings": False}
-# name -> ("builder", precision) or ("ours", passes)
+# name -> ("builder", precision) or ("ours", (passes, MatMulNBits accuracy_level))
 VARIANTS: dict[str, tuple[str, object]] = {
-    "ours_fp32": ("ours", []),
-    "ours_w8a8": ("ours", ["smoothquant(alpha=0.5)", "insert_qdq(scheme=w8a8)"]),
-    "ours_w4a16": ("ours", ["insert_qdq(scheme=w4a16)"]),
+    "ours_fp32": ("ours", ([], 0)),
+    "ours_w8a8": ("ours", (["smoothquant(alpha=0.5)", "insert_qdq(scheme=w8a8)"], 0)),
+    "ours_w4a16": ("ours", (["insert_qdq(scheme=w4a16)"], 0)),
+    # the same W4A16 graph with MatMulNBits' int8-compute path, as the builder's int4 uses
+    "ours_w4a16_acc4": ("ours", (["insert_qdq(scheme=w4a16)"], 4)),
     "builder_fp32": ("builder", "fp32"),
     "builder_int8": ("builder", "int8"),
     "builder_int4": ("builder", "int4"),
 }
 PAIRS = [("ours_fp32", "builder_fp32"), ("ours_w8a8", "builder_int8"),
-         ("ours_w4a16", "builder_int4")]
+         ("ours_w4a16", "builder_int4"), ("ours_w4a16_acc4", "builder_int4")]
 MARKER = ".bench_generate.json"  # the recipe a folder was built from, written last
 
 
@@ -193,6 +203,22 @@ def _reusable(folder: Path, recipe: dict, reuse: bool) -> bool:
     return all(have.get(k) == v for k, v in recipe.items())
 
 
+def _source_stamp() -> str:
+    """Hash of the compiler's sources: a folder built by other code is not reused."""
+    h = hashlib.sha256()
+    for sub in ("compiler", "backends", "passes"):
+        for f in sorted((REPO / sub).rglob("*.py")):
+            h.update(f.relative_to(REPO).as_posix().encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _builder_version() -> str:
+    from importlib.metadata import version
+
+    return version("onnxruntime-genai")
+
+
 def _clear(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
@@ -207,37 +233,86 @@ def has_export_genai() -> bool:
     return hasattr(CompiledModel, "export_genai")
 
 
-def build_builder_variant(hf: Path, precision: str, folder: Path, cache: Path,
-                          reuse: bool) -> float:
-    """Run ORT GenAI's model builder; returns its wall seconds (0 when reused)."""
-    recipe = {"builder": precision, "hf": str(hf.resolve())}
-    if _reusable(folder, recipe, reuse):
-        return 0.0
-    _clear(folder)
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o",
-           str(folder), "-p", precision, "-e", "cpu", "-c", str(cache)]
-    t = time.perf_counter()
+def build_builder_variants(hf: Path, jobs: dict[str, tuple[str, Path]], cache: Path,
+                           reuse: bool) -> dict[str, float]:
+    """Run ORT GenAI's model builder for ``{name: (precision, folder)}``; wall seconds each.
+
+    All precisions run in one helper process (``--run-builder``) that executes ``python -m
+    onnxruntime_genai.models.builder`` once per precision with ``runpy``: the builder's import
+    (torch, transformers: ~8 s) is then paid once, not per precision; the output files are the
+    same. A reused folder reports 0 s; the import is not in any precision's seconds.
+    """
+    todo, seconds = {}, {}
+    for name, (precision, folder) in jobs.items():
+        if _reusable(folder, _builder_recipe(hf, precision), reuse):
+            seconds[name] = 0.0
+        else:
+            _clear(folder)
+            todo[name] = (precision, folder)
+    if not todo:
+        return seconds
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--run-builder", str(hf), str(cache),
+           *(f"{p}={f}" for p, f in todo.values())]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    (folder.parent / f"{folder.name}.log").write_text(proc.stdout + proc.stderr)
+    log_file = cache.parent / "builder.log"
+    log_file.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
-        raise RuntimeError(f"model builder -p {precision} failed on {hf}: {' / '.join(tail)}")
-    (folder / MARKER).write_text(json.dumps({**recipe, "seconds": round(seconds, 1)}))
+        raise RuntimeError(f"model builder failed on {hf} (log: {log_file}): {' / '.join(tail)}")
+    took = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, (precision, folder) in todo.items():
+        seconds[name] = took[precision]
+        (folder / MARKER).write_text(json.dumps(
+            {**_builder_recipe(hf, precision), "seconds": round(seconds[name], 1)}))
     return seconds
 
 
-def build_ours_variant(hf: Path, passes: list[str], calib, folder: Path, reuse: bool) -> float:
-    """``compiler.compile`` + ``CompiledModel.export_genai``; returns their wall seconds."""
+def _builder_recipe(hf: Path, precision: str) -> dict:
+    return {"builder": precision, "hf": str(hf.resolve()), "version": _builder_version()}
+
+
+def _run_builder(hf: str, cache: str, jobs: list[str]) -> None:
+    """``python -m onnxruntime_genai.models.builder -i hf -o out -p precision -e cpu -c cache``
+    for each ``precision=out``, in this process; prints ``{precision: seconds}``."""
+    import runpy
+
+    import onnxruntime_genai.models.builder  # noqa: F401 - the import, once, outside the timings
+
+    took = {}
+    for job in jobs:
+        precision, out = job.split("=", 1)
+        sys.argv = ["builder", "-i", hf, "-o", out, "-p", precision, "-e", "cpu", "-c", cache]
+        t = time.perf_counter()
+        runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+        took[precision] = time.perf_counter() - t
+    print(json.dumps(took))
+
+
+_last_compiled: dict = {}  # the last (passes -> CompiledModel): W4A16 exported at two levels
+
+
+def build_ours_variant(hf: Path, passes: list[str], calib, folder: Path, reuse: bool,
+                       accuracy_level: int = 0) -> float:
+    """``compiler.compile`` + ``CompiledModel.export_genai``; returns their wall seconds.
+
+    The compiled model of the previous call is kept and reused when the passes are the same
+    (its compile seconds are then not counted again).
+    """
     import compiler
 
-    recipe = {"passes": passes, "hf": str(hf.resolve()), "calibration": _describe(calib)}
+    recipe = {"passes": passes, "hf": str(hf.resolve()), "accuracy_level": accuracy_level,
+              "calibration": _describe(calib) if passes else "none", "source": _source_stamp()}
     if _reusable(folder, recipe, reuse):
         return 0.0
     _clear(folder)
     t = time.perf_counter()
-    cm = compiler.compile(str(hf), passes=passes, calibration=calib if passes else None)
-    cm.export_genai(folder)
+    key = (str(hf.resolve()), tuple(passes))
+    cm = _last_compiled.get(key)
+    if cm is None:
+        _last_compiled.clear()
+        cm = compiler.compile(str(hf), passes=passes, calibration=calib if passes else None)
+        _last_compiled[key] = cm
+    cm.export_genai(folder, accuracy_level=accuracy_level)
     seconds = time.perf_counter() - t
     (folder / MARKER).write_text(json.dumps({**recipe, "seconds": round(seconds, 1)}))
     return seconds
@@ -394,7 +469,7 @@ def _fmt_ratio(t: tuple[float, float, float]) -> str:
 
 
 def render(info: dict, res: dict, sizes: dict, kernels: dict, build_s: dict, args,
-           skipped: list[str]) -> str:
+           skipped: list[str], failed: dict[str, str]) -> str:
     base = args.baseline
     lines = [
         (f"Model: {info['model']} ({info['params'] / 1e6:.1f}M params, hidden "
@@ -425,7 +500,7 @@ def render(info: dict, res: dict, sizes: dict, kernels: dict, build_s: dict, arg
             f"{sizes[name] / 1e6:.1f}",
             f"{sizes[name] / sizes[base]:.3f}" if base in sizes else "-",
             kernels[name],
-            f"{build_s[name]:.0f}" if build_s.get(name) else "cached",
+            f"{build_s[name]:.1f}" if build_s.get(name) else "cached",
         ]) + " |")
     pairs = [(a, b) for a, b in PAIRS if a in res and b in res]
     if pairs:
@@ -442,6 +517,8 @@ def render(info: dict, res: dict, sizes: dict, kernels: dict, build_s: dict, arg
     if skipped:
         lines += ["", f"Not run: {', '.join(skipped)} (CompiledModel.export_genai does not "
                       "exist yet in compiler/api.py)."]
+    for name, err in failed.items():
+        lines += ["", f"Not run: {name}, its folder could not be built: {err}"]
     return "\n".join(lines)
 
 
@@ -457,6 +534,7 @@ def _version(mod: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-builder", nargs="+", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=["llama134m", "smollm2"], default="llama134m")
     ap.add_argument("--smoke", action="store_true",
                     help="tiny random Llama, 1 round, 8-token prompt, 8 new tokens")
@@ -483,6 +561,9 @@ def main(argv=None) -> int:
     small = args.smoke
     args.prompt = args.prompt or (8 if small else 128)
     args.new = args.new or (8 if small else 128)
+    if args.run_builder:
+        _run_builder(args.run_builder[0], args.run_builder[1], args.run_builder[2:])
+        return 0
     if args.child:
         _child(args.child, args.prompt, args.new, args.warmup, args.runs, args.vocab)
         return 0
@@ -512,26 +593,39 @@ def main(argv=None) -> int:
         log.warning("baseline %s is not run: ratios against %s", args.baseline, names[0])
         args.baseline = names[0]
 
-    folders, build_s = {}, {}
-    calib = None
+    folders = {name: work / name for name in names}
+    build_s = build_builder_variants(
+        hf, {n: (VARIANTS[n][1], folders[n]) for n in names if VARIANTS[n][0] == "builder"},
+        work / "builder_cache", args.reuse)
+    calib, failed = None, {}
     for name in names:
-        kind, spec = VARIANTS[name]
-        folders[name] = work / name
-        if kind == "builder":
-            build_s[name] = build_builder_variant(hf, spec, folders[name], work / "builder_cache",
-                                                  args.reuse)
-        else:
-            if calib is None and spec:
+        if VARIANTS[name][0] == "ours":
+            passes, level = VARIANTS[name][1]
+            if calib is None and passes:
                 calib = calibration(args.calib, args.calib_seq, info["vocab_size"])
-            build_s[name] = build_ours_variant(hf, list(spec), calib, folders[name], args.reuse)
+            try:
+                build_s[name] = build_ours_variant(hf, passes, calib, folders[name], args.reuse,
+                                                   level)
+            except Exception as e:  # one variant that does not build must not lose the others
+                first = (str(e).strip().splitlines() or [""])[0]
+                failed[name] = f"{type(e).__name__}: {first}"
+                log.error("%s: not built: %s", name, failed[name], exc_info=True)
+                del folders[name]
+                continue
         set_session_threads(folders[name], args.threads)
         log.info("%s: %s (%.0f s)", name, folders[name], build_s[name])
+    _last_compiled.clear()
+    if not folders:
+        log.error("nothing was built")
+        return 1
+    if args.baseline not in folders:
+        args.baseline = next(iter(folders))
 
     res = time_generation(folders, prompt=args.prompt, new=args.new, warmup=args.warmup,
                           runs=args.runs, rounds=args.rounds, vocab=info["vocab_size"])
     sizes = {n: model_bytes(f) for n, f in folders.items()}
     kernels = {n: kernel_summary(f) for n, f in folders.items()}
-    table = render(info, res, sizes, kernels, build_s, args, skipped)
+    table = render(info, res, sizes, kernels, build_s, args, skipped, failed)
     print(table)
     out = args.out or work / "results.md"
     out.write_text(table + "\n")
@@ -541,14 +635,13 @@ def main(argv=None) -> int:
         {"model": info, "results": res, "sizes": sizes, "kernels": kernels, "build_s": build_s,
          "pairs": {f"{a}/{b}": paired_speedup(res, a, b) for a, b in PAIRS
                    if a in res and b in res},
-         "baseline": args.baseline, "skipped": skipped,
+         "baseline": args.baseline, "skipped": skipped, "failed": failed,
          "settings": {k: getattr(args, k) for k in ("prompt", "new", "rounds", "warmup", "runs",
                                                     "threads", "calib", "calib_seq")}},
         indent=1))
     if bad:
         log.error("non-positive or non-finite timings: %s", ", ".join(bad))
-        return 1
-    return 0
+    return 1 if bad or failed else 0
 
 
 if __name__ == "__main__":
