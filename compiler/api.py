@@ -375,7 +375,7 @@ def compile(
     skip: Iterable[str | int] = (),
     dump_dir: str | os.PathLike | None = None,
     instruments: Iterable[Instrument] = (),
-    atol: float = 1e-4,
+    atol: float | None = None,
     progress: bool = False,
     seed: int = 0,
 ) -> CompiledModel:
@@ -395,7 +395,10 @@ def compile(
         skip: pass names or 1-based indices to skip (bisecting an accuracy drop).
         dump_dir: write numbered graph dumps (``001_canonicalize.py``) here.
         instruments: extra pass-manager instrumentation callbacks.
-        atol: tolerance of the exact-pass check on fp32 logits.
+        atol: ``None`` (default): each exact pass is checked in float64, against a tolerance
+            measured from the float32 rounding of the graph before it (so it scales with the
+            logits' magnitude and the model's depth; see :mod:`compiler.pass_manager`). A
+            number: an absolute tolerance on the max difference of the float32 logits.
         progress: show progress bars on long work (calibration, evaluation).
         seed: seed for passes that use randomness.
 

@@ -8,9 +8,16 @@ import torch
 from compiler import ir
 from compiler.errors import PipelineError, PreconditionError, VerificationError
 from compiler.pass_base import Analysis, Pass, PassContext, PassResult
-from compiler.pass_manager import DumpIR, PassManager, validate_order
+from compiler.pass_manager import (
+    FALLBACK_ATOL,
+    DumpIR,
+    PassManager,
+    evaluate_float64,
+    exact_tolerance,
+    validate_order,
+)
 from passes.canonicalize import Canonicalize
-from tests.conftest import tiny_graph
+from tests.conftest import CORE_FAMILIES, DATA, needs_stories, stories_graph, tiny_graph
 
 
 class ScaleFirstLinear(Pass):
@@ -27,6 +34,31 @@ class ScaleFirstLinear(Pass):
         lin = ir.nodes_of(gm, torch.ops.aten.linear.default)[0]
         w = lin.args[1]
         ir.set_param(gm, w, ir.get_param(gm, w) * self.factor)
+        return PassResult(gm, True, frozenset(), {"scaled": 1})
+
+
+class ScaleOneChannel(Pass):
+    """Test pass: one channel scaled by ``factor`` without compensation, claimed exact.
+
+    What a wrong smoothing scale on one channel does: ``target="linear"`` scales one output
+    channel (a row) of the first linear, ``target="norm"`` one entry of the first norm gain.
+    """
+
+    name = "scale_one_channel"
+    exact = True
+    requires = frozenset({"canonical"})
+
+    def __init__(self, *, factor: float = 1.01, channel: int = 0, target: str = "linear"):
+        self.factor, self.channel, self.target = factor, channel, target
+
+    def run(self, gm, ctx):
+        if self.target == "linear":
+            w = ir.nodes_of(gm, torch.ops.aten.linear.default)[0].args[1]
+        else:
+            w = next(n for n in gm.graph.nodes if n.target in (ir.RMS_NORM, ir.LAYER_NORM)).args[2]
+        value = ir.get_param(gm, w).clone()
+        value[self.channel] *= self.factor
+        ir.set_param(gm, w, value)
         return PassResult(gm, True, frozenset(), {"scaled": 1})
 
 
@@ -239,3 +271,159 @@ def test_smoothquant_after_insert_qdq_is_an_order_error():
     with pytest.raises(PipelineError, match="smoothquant.*must run before.*insert_qdq"):
         validate_order(make_passes(["canonicalize", "insert_qdq(scheme=w8a8_dynamic)",
                                     "smoothquant(alpha=0.5)"]), _ctx(calibration=[torch.zeros(1, 2)]))
+
+
+# --- the exact-pass check: float64 comparison, tolerance from the measured float32 rounding ---
+
+_CHECK_NOTE = (r"exact check: float64 logits moved (\S+) <= tolerance (\S+) \(2 x the float32 "
+               r"rounding (\S+) of the graph before the pass\); float32 logits moved (\S+)")
+
+
+def _check_note(record) -> tuple[float, float, float, float]:
+    """(d64, tolerance, float32 rounding, d32) from a record's exact-check note."""
+    import re
+
+    found = [re.fullmatch(_CHECK_NOTE, n) for n in record.notes]
+    found = [m for m in found if m]
+    assert len(found) == 1, record.notes
+    return tuple(float(v) for v in found[0].groups())
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_one_channel_scaled_by_1_01_is_rejected_on_tiny_models(family, probe_ids):
+    gm = tiny_graph(family)
+    with pytest.raises(VerificationError, match=r"scale_one_channel.*declared exact.*in float64 "
+                                                r"\(> tolerance .* float32 rounding"):
+        PassManager([Canonicalize(), ScaleOneChannel()]).run(gm, _ctx(probe_ids))
+
+
+def test_one_norm_gain_channel_scaled_by_1_01_is_rejected(probe_ids):
+    gm = tiny_graph("llama")
+    with pytest.raises(VerificationError, match="scale_one_channel.*declared exact"):
+        PassManager([Canonicalize(), ScaleOneChannel(target="norm", channel=5)]).run(
+            gm, _ctx(probe_ids))
+
+
+def test_exact_check_note_gives_the_tolerance_measured_from_float32_rounding(probe_ids):
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), ScaleFirstLinear(factor=1.0)]).run(gm, _ctx(probe_ids))
+    d64, tol, r32, d32 = _check_note(report.records[1])
+    assert d64 == d32 == 0.0
+    # a 2-layer model with logits < 1 rounds at ~1e-7: far tighter than the former 1e-4
+    assert 0 < r32 < 1e-6 and tol == pytest.approx(2 * r32, rel=0.01)
+    _check_note(report.records[0])  # canonicalize is exact and checked too
+
+
+def test_exact_tolerance_is_twice_the_rounding_with_a_one_ulp_floor():
+    logits32 = 30 * torch.randn(2, 8, 50, generator=torch.Generator().manual_seed(0))
+    logits64 = logits32.double()
+    logits64[1, 2, 3] += 1e-3
+    tol, r32 = exact_tolerance(logits32, logits64)
+    assert r32 == pytest.approx(1e-3, rel=1e-3) and tol == 2 * r32
+    exactly = torch.ones(2, 3, dtype=torch.float64)
+    tol, r32 = exact_tolerance(exactly.float(), exactly)
+    assert r32 == 0 and tol == torch.finfo(torch.float32).eps
+
+
+def test_float64_evaluation_removes_float32_rounding_from_an_exact_permutation(probe_ids,
+                                                                              calib_batches):
+    from passes.rptq import RPTQReorder
+
+    gm = tiny_graph("llama")
+    report = PassManager([Canonicalize(), RPTQReorder()]).run(
+        gm, _ctx(probe_ids, calibration=calib_batches))
+    d64, tol, _, d32 = _check_note(report.records[1])
+    assert report.records[1].modified and d32 > 0  # float32 sums in another order...
+    assert d64 < 1e-12 < tol  # ...but the same function
+    out64 = evaluate_float64(gm, probe_ids)
+    assert out64.dtype == torch.float64
+    assert 0 < float((out64 - gm(probe_ids).double()).abs().max()) < 1e-5
+
+
+def test_explicit_atol_is_an_absolute_tolerance_on_float32_logits(probe_ids):
+    report = PassManager([Canonicalize(), ScaleOneChannel()], atol=1e-3).run(
+        tiny_graph("llama"), _ctx(probe_ids))
+    assert 0 < report.records[1].exact_check <= 1e-3
+    assert "atol 1.00e-03 (absolute, as given)" in report.records[1].notes[-1]
+    with pytest.raises(VerificationError, match=r"scale_one_channel.*> atol 1e-07, absolute"):
+        PassManager([Canonicalize(), ScaleOneChannel()], atol=1e-7).run(
+            tiny_graph("llama"), _ctx(probe_ids))
+
+
+def test_exact_check_falls_back_to_an_absolute_tolerance_without_float64(probe_ids, monkeypatch):
+    import compiler.pass_manager as pm
+
+    def no_float64(gm, inputs):
+        raise RuntimeError("no float64 kernel for this op")
+
+    monkeypatch.setattr(pm, "evaluate_float64", no_float64)
+    report = PassManager([Canonicalize(), ScaleFirstLinear(factor=1.0)]).run(
+        tiny_graph("llama"), _ctx(probe_ids))
+    assert (f"atol {FALLBACK_ATOL:.2e} (absolute fallback: no float64 evaluation, RuntimeError: "
+            "no float64 kernel for this op)") in report.records[1].notes[-1]
+    with pytest.raises(VerificationError, match="scale_first_linear.*absolute fallback"):
+        PassManager([Canonicalize(), ScaleFirstLinear(factor=1.5)]).run(
+            tiny_graph("llama"), _ctx(probe_ids))
+
+
+def test_float64_evaluation_runs_a_quantized_graph(probe_ids, calib_batches):
+    from passes.insert_qdq import InsertQDQ
+
+    gm = tiny_graph("llama")
+    PassManager([Canonicalize(), InsertQDQ(scheme="w8a8_dynamic")]).run(
+        gm, _ctx(probe_ids, calibration=calib_batches))
+    assert ir.is_quantized(gm)
+    out64 = evaluate_float64(gm, probe_ids)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), gm(probe_ids), atol=2e-2, rtol=0)
+
+
+@needs_stories
+def test_one_channel_scaled_by_1_01_is_rejected_on_stories260K():
+    probe = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(VerificationError, match="scale_one_channel.*declared exact.*in float64"):
+        PassManager([Canonicalize(), ScaleOneChannel()]).run(stories_graph(), _ctx(probe))
+
+
+SMOL = DATA / "smollm2-135m-instruct-q4_1" if DATA else None
+needs_smol = pytest.mark.skipif(
+    SMOL is None or not (SMOL / "gguf").is_dir(),
+    reason="SmolLM2 GGUF folder not found in the shared data dir "
+           "(../shared/data/smollm2-135m-instruct-q4_1)",
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    from compiler.frontend import load_model
+
+    return load_model(SMOL)
+
+
+@needs_smol
+@pytest.mark.slow
+def test_smollm2_every_exact_pass_verifies_by_default_and_a_one_channel_error_is_rejected(smol):
+    """30 layers, logits up to ~30: float32 rounding alone moves the logits past the former
+    absolute 1e-4, yet a 1% error on one channel is still caught."""
+    import copy
+
+    import compiler
+
+    g = torch.Generator().manual_seed(5)
+    calibration = [torch.randint(0, 49152, (2, 32), generator=g) for _ in range(2)]
+    exact = ["smoothquant(alpha=0.5)", "rptq_reorder", "rotation_invariant", "slicegpt_rotate",
+             "fuse_linears", "simplify_mask"]
+    cm = compiler.compile(smol, exact, calibration=calibration)
+    records = cm.report.records
+    assert [r.name for r in records] == ["canonicalize", *(e.split("(")[0] for e in exact)]
+    for r in records:
+        assert r.exact and r.modified, r.name
+        d64, tol, _, d32 = _check_note(r)
+        assert d64 <= tol and d32 == pytest.approx(r.exact_check, rel=0.01)
+    assert max(r.exact_check for r in records) > 1e-4  # the former default would have failed
+
+    probe = torch.randint(0, 49152, (2, 32), generator=torch.Generator().manual_seed(99))
+    ctx = _ctx(probe)
+    ctx.properties.add("canonical")
+    with pytest.raises(VerificationError, match="scale_one_channel.*declared exact.*in float64"):
+        PassManager([ScaleOneChannel()], verify=False).run(copy.deepcopy(cm.graph_module), ctx)
