@@ -36,7 +36,8 @@ from compiler.report import Report
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "fxcompress-artifact"
-ARTIFACT_VERSION = 1
+#: 2: report.json holds the per-pass data of the HTML report (``PassRecord.details``)
+ARTIFACT_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -257,6 +258,9 @@ class CompiledModel:
             raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
         if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
             raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
+        if not isinstance(manifest.get("version"), int) or manifest["version"] > ARTIFACT_VERSION:
+            raise ArtifactError(f"{mpath}: artifact format version {manifest.get('version')!r} "
+                                f"is newer than this fxcompress reads ({ARTIFACT_VERSION})")
         files = manifest.get("files")
         if not isinstance(files, dict) or not {"program.pt2", "report.json"} <= set(files):
             raise ArtifactError(f"{mpath}: manifest does not list program.pt2 and report.json")
@@ -378,6 +382,7 @@ def compile(
     atol: float | None = None,
     progress: bool = False,
     seed: int = 0,
+    report_data: bool = True,
 ) -> CompiledModel:
     """Trace ``model``, run ``passes`` through the checked pass manager, return the compiled model.
 
@@ -401,6 +406,9 @@ def compile(
             number: an absolute tolerance on the max difference of the float32 logits.
         progress: show progress bars on long work (calibration, evaluation).
         seed: seed for passes that use randomness.
+        report_data: capture, per pass, the block graph diff, activation ranges and
+            quantization error that ``cm.report.to_html`` draws
+            (:mod:`compiler.report_capture`; a few forwards on a 256-token sample).
 
     Returns:
         A :class:`CompiledModel`.
@@ -428,6 +436,12 @@ def compile(
         reference = gm(probe_inputs)
     ctx = PassContext(calibration=batches, probe_inputs=probe_inputs, seed=seed, progress=progress)
     inst: list[Instrument] = [LogitsDrift(reference, probe_inputs), *instruments]
+    capture = None
+    if report_data:
+        from compiler.report_capture import ReportCapture
+
+        capture = ReportCapture()
+        inst.insert(1, capture)
     if dump_dir is not None:
         inst.append(DumpIR(dump_dir))
     report = Report(
@@ -440,6 +454,8 @@ def compile(
     report.total_seconds = time.perf_counter() - t0
     report.extra["trace_seconds"] = round(trace_seconds, 3)
     report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
+    if capture is not None:
+        report.extra["report_capture_seconds"] = round(capture.seconds, 3)
     tok = None
     if isinstance(model_spec, (str, os.PathLike)):
         from compiler.frontend import tokenizer_dir_of

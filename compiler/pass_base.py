@@ -16,6 +16,7 @@ Properties are plain strings. The ones in use:
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -129,6 +130,8 @@ class AnalysisManager:
         self._cache: dict[tuple, Any] = {}
         self.hits = 0
         self.misses = 0
+        #: computations per analysis name (e.g. calibration runs of ``activation_stats``)
+        self.computed: Counter[str] = Counter()
 
     def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
         k = (analysis.name, tuple(sorted(key.items())))
@@ -136,6 +139,7 @@ class AnalysisManager:
             self.hits += 1
             return self._cache[k]
         self.misses += 1
+        self.computed[analysis.name] += 1
         value = analysis.compute(gm, ctx, **key)
         self._cache[k] = value
         return value

@@ -31,6 +31,12 @@ class PassRecord:
     # when the pass changed the shape of a parameter it kept
     blocks_before: dict[str, dict] | None = None
     blocks_after: dict[str, dict] | None = None
+    # perplexity before and after the pass ({"before", "after", "data"}), when measured
+    # (compiler.report_capture.PassPerplexity)
+    perplexity: dict[str, Any] | None = None
+    # what the HTML report draws: block graph diff, activation ranges, quantization error,
+    # kept variance (compiler.report_capture.ReportCapture; None when not captured)
+    details: dict[str, Any] | None = None
 
 
 @dataclass

@@ -67,6 +67,8 @@ aten = torch.ops.aten
 
 BASES = ("per_norm", "global")
 _MARK = "fxcompress_slicegpt_rotated"
+#: ``gm.meta`` key: per basis, the variance kept (read by the compile report)
+VARIANCE_META = "fxcompress_slicegpt_variance"
 
 
 def pca_basis(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,11 +311,25 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
                  params_before=params_before, params_after=ir.count_params(gm),
                  min_variance_kept=round(min(kept.values()), 4))
     where = {n.name: ir.site(n) or n.name for n in rs.norms}
+    # for the compile report (compiler.report_capture): the kept variance of every basis
+    gm.meta[VARIANCE_META] = [
+        {"basis": "global (all norm inputs)" if basis == "global" else where.get(name, name),
+         "kept": frac, "width": width, "total": d, "cumulative": _cumulative(eig[name])}
+        for name, frac in kept.items()]
     notes = [f"stream read by {where.get(name, name)}: {width}/{d} directions keep "
              f"{frac:.2%} of the variance" for name, frac in kept.items()] if width != d else []
     log.info("%s: hidden %d -> %d, %d bases, %d shortcuts, params %d -> %d", who, d, width,
              stats["bases"], stats["shortcuts"], params_before, stats["params_after"])
     return PassResult(gm, True, frozenset(), stats, notes)
+
+
+def _cumulative(eigenvalues: torch.Tensor, points: int = 256) -> list[float]:
+    """Fraction of the variance kept by the first ``k`` directions, at <= ``points`` values of
+    ``k`` (``k = 1 .. d``, evenly spaced; the curve is monotone so nothing is hidden)."""
+    v = eigenvalues.clamp(min=0).double()
+    frac = v.cumsum(0) / v.sum().clamp(min=1e-300)
+    idx = torch.linspace(0, len(frac) - 1, min(points, len(frac))).round().long()
+    return [round(float(f), 5) for f in frac[idx]]
 
 
 def _check_basis(who: str, basis: str) -> None:
@@ -363,6 +379,7 @@ class SliceGPT(Pass):
 
 __all__ = [
     "BASES",
+    "VARIANCE_META",
     "SliceGPT",
     "SliceGPTRotate",
     "basis_keys",
