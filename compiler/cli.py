@@ -1,4 +1,4 @@
-"""The ``fxcompress`` command line: demo, compile, eval, inspect, generate, passes.
+"""The ``fxcompress`` command line: demo, compile, eval, inspect, generate, report, passes.
 
     fxcompress demo                                   # the main job on a built-in default
     fxcompress compile MODEL --passes "smoothquant(alpha=0.5), insert_qdq(scheme=w8a8)" \\
@@ -7,6 +7,7 @@
     fxcompress compile MODEL --recipe recipe.yaml -o out/model
     fxcompress eval MODEL_OR_ARTIFACT_OR_ONNX --data tinystories --windows 256
     fxcompress inspect MODEL_OR_ARTIFACT [--params] [--diff]
+    fxcompress report ARTIFACT [-o report.html]        # self-contained HTML compile report
     fxcompress passes
 
 MODEL is a local Hugging Face folder, a config.json, ``tiny-<family>`` (random init), a saved
@@ -67,14 +68,16 @@ def cmd_compile(args) -> int:
     passes = _parse_passes(args)
     calibration = args.calib
     t0 = time.perf_counter()
+    instruments = [_perplexity_instrument(args.ppl, args.model)] if args.ppl else []
     cm = compiler.compile(
         args.model, passes, calibration=calibration, skip=_parse_skip(args.skip),
-        dump_dir=args.dump_ir, progress=not args.quiet,
+        dump_dir=args.dump_ir, progress=not args.quiet, instruments=instruments,
     )
     print(cm.report)
     out = Path(args.output)
     cm.save(out, overwrite=args.overwrite)
     print(f"\nsaved compiled model to {out}/ ({time.perf_counter() - t0:.1f}s)")
+    _write_report_html(cm.report, out / "report.html")
     if args.onnx:
         from backends.onnxruntime import file_size
 
@@ -87,6 +90,47 @@ def cmd_compile(args) -> int:
         size = file_size(folder / "model.onnx")
         print(f"wrote ONNX Runtime GenAI folder {folder}/ (KV cache; {size / 1e6:.2f} MB); "
               f"run it with: fxcompress generate {folder} --prompt \"...\"")
+    return 0
+
+
+def _perplexity_instrument(spec: str, model: str):
+    """``--ppl tinystories[:N]``: perplexity before/after every pass on N windows of 256."""
+    from compiler import data
+    from compiler.frontend import tokenizer_dir_of
+    from compiler.report_capture import PassPerplexity
+
+    name, _, n = spec.partition(":")
+    try:
+        windows = int(n) if n else 16
+    except ValueError as e:
+        raise FxCompressError(f"--ppl takes DATA[:WINDOWS], e.g. tinystories:16; got {spec!r}") from e
+    tok = tokenizer_dir_of(model) if Path(model).is_dir() else None
+    if tok is None:
+        raise FxCompressError(f"--ppl needs a model folder with a tokenizer; {model!r} has none")
+    ids = data.evaluation_windows(name, tok, n_windows=windows, window=256)
+    return PassPerplexity(ids, f"{name}, {ids.shape[0]} windows x {ids.shape[1]} tokens")
+
+
+def _write_report_html(report, path: Path) -> None:
+    """The HTML report next to the artifact; a missing plotting library is a note, not a failure."""
+    from compiler.errors import ReportError
+
+    try:
+        report.to_html(path)
+    except ReportError as e:
+        print(f"(no HTML report: {e})")
+        return
+    print(f"wrote HTML report {path} ({path.stat().st_size / 1e3:.0f} KB)")
+
+
+def cmd_report(args) -> int:
+    from compiler.html_report import read_artifact_report, write_html
+
+    report = read_artifact_report(args.artifact)
+    out = Path(args.output) if args.output else Path(args.artifact) / "report.html"
+    t0 = time.perf_counter()
+    write_html(report, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} KB, {time.perf_counter() - t0:.1f}s)")
     return 0
 
 
@@ -301,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dump-ir", help="write numbered graph dumps into this folder")
     c.add_argument("--skip", action="append", help="pass name or 1-based index to skip")
     c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--ppl", metavar="DATA[:N]",
+                   help="perplexity before/after every pass on N windows of 256 tokens "
+                        "(e.g. tinystories:16), shown in the report")
     c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("eval", help="perplexity of a model, compiled artifact or ONNX file")
@@ -335,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     gn.add_argument("--seed", type=int, help="random seed for --sample")
     gn.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (--runtime ort)")
     gn.set_defaults(func=cmd_generate)
+
+    rp = sub.add_parser("report", help="write the self-contained HTML compile report of an "
+                                       "artifact (graphs, activation ranges, errors per pass)")
+    rp.add_argument("artifact", help="compiled artifact folder (fxcompress compile -o)")
+    rp.add_argument("-o", "--output", help="HTML file (default ARTIFACT/report.html)")
+    rp.set_defaults(func=cmd_report)
 
     ps = sub.add_parser("passes", help="list the registered passes")
     ps.set_defaults(func=cmd_passes)

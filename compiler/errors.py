@@ -37,3 +37,8 @@ class DataError(FxCompressError):
 
 class ExportError(FxCompressError):
     """Lowering to a backend format (ONNX) failed, or its output could not be written."""
+
+
+class ReportError(FxCompressError):
+    """An HTML report cannot be written: the report lacks the per-pass data, or a library is
+    missing."""

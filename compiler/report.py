@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -70,6 +72,18 @@ class Report:
             total_seconds=d.get("total_seconds", 0.0),
             extra=d.get("extra", {}),
         )
+
+    def to_html(self, path: str | os.PathLike) -> Path:
+        """Write the report as one self-contained HTML file (:mod:`compiler.html_report`):
+        per pass its table row, the block graph before/after with the change marked, activation
+        ranges, quantization error, kept variance. Written atomically.
+
+        Raises:
+            ReportError: the report has no captured per-pass data, or matplotlib is missing.
+        """
+        from compiler.html_report import write_html
+
+        return write_html(self, path)
 
     def table(self) -> str:
         """Render as a fixed-width table: pass, seconds, nodes and params before/after, drift."""
