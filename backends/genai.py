@@ -59,7 +59,8 @@ DEFAULT_CONTEXT = 2048
 
 
 def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
-                   external_data: bool | None = True, fused: bool = True) -> Path:
+                   external_data: bool | None = True, fused: bool = True,
+                   max_positions: int = DEFAULT_CONTEXT) -> Path:
     """Export a :class:`compiler.kv_cache.KVCacheGraph` to ONNX with the GenAI IO names.
 
     With ``fused`` (default) norms and cached attention lower to ORT's fused kernels
@@ -76,7 +77,7 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
     if fused:
         from backends import ort_fused
 
-        gm, stats = ort_fused.lower_fused(kv)
+        gm, stats = ort_fused.lower_fused(kv, max_positions=max_positions)
         table.update(ort_fused.translation_table())
         for note in stats.notes:
             log.info("fused lowering: %s", note)
@@ -208,7 +209,8 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
     except OSError as e:
         raise ArtifactError(f"cannot write the GenAI folder {folder}: {e}") from e
     try:
-        export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level, fused=fused)
+        export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level, fused=fused,
+                       max_positions=cfg["model"]["context_length"])
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=4))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

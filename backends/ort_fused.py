@@ -16,6 +16,9 @@ is also read later (the residual stream)     (outputs the norm and ``a + b``)
 ``layer_norm(add(a, b), w, b)`` (residual)   ``com.microsoft.SkipLayerNormalization``
 ``sdpa(q, cat(past_k, k), cat(past_v, v))``  ``com.microsoft.GroupQueryAttention`` (GQA and
 from ``compiler.kv_cache`` (+ repeat_kv)     MHA; cache concatenated inside the kernel)
+... with ``q = a*cos + rotate_half(a)*sin``  the same with ``do_rotary=1``: the kernel rotates the
+(and ``k`` alike, same cos/sin)              pre-rotary ``a`` with cos/sin tables evaluated from
+                                             the graph's own position subgraph
 ==========================================  ==================================================
 
 Identities relied on: ``SkipSimplifiedLayerNormalization(a, b, w) = (rms_norm(a + b) * w,
@@ -37,8 +40,12 @@ left padding exactly; the fused one is exact for batches without padding (batch 
 generation benchmarks, ORT GenAI's generator with one prompt). ``fused=False`` in
 ``export_genai`` keeps the generic ops.
 
-Rotary embedding is left as generic ops (the graph computes it from the positions);
-SiLU/GELU-gated MLPs are left to ORT's own fusions, which fire on them (``QuickGelu``).
+Rotary: the cos/sin tables (``[context, D/2]``) are the graph's own cos/sin subgraph evaluated
+on a prompt of ``context`` tokens, so any frequency scaling the model applies (``rope_scaling``,
+attention scaling) is in them; they must repeat their two halves (the half-split layout).
+Partial rotary (NeoX-style ``rotary_pct``), interleaved layouts and per-layer different tables
+keep the rotary as generic ops before the fused attention, with a note. SiLU/GELU-gated MLPs
+are left to ORT's own fusions, which fire on them (``QuickGelu``).
 """
 
 from __future__ import annotations
@@ -101,21 +108,30 @@ def _(x, skip, weight, bias, eps):
 @torch.library.custom_op(f"{_LIB}::group_query_attention", mutates_args=())
 def group_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
-    past_v: torch.Tensor, seqlens_k: torch.Tensor, total_len: torch.Tensor, num_heads: int,
+    past_v: torch.Tensor, seqlens_k: torch.Tensor, total_len: torch.Tensor,
+    cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, num_heads: int,
     kv_num_heads: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ORT's ``GroupQueryAttention`` (no rotary, no shared buffer) in torch.
+    """ORT's ``GroupQueryAttention`` (no shared buffer) in torch.
 
     ``q: [B, S, Hq*D]``, ``k, v: [B, S, Hkv*D]``, ``past_*: [B, Hkv, P, D]``; row ``b`` holds
     ``seqlens_k[b] + 1`` valid tokens, its query ``i`` sits at ``seqlens_k[b] + 1 - S + i``.
-    Returns ``(out [B, S, Hq*D], present_k, present_v [B, Hkv, P+S, D])``.
+    With ``cos_cache``/``sin_cache`` (``[max_positions, D/2]``) the new queries and keys are
+    first rotated at those positions (``do_rotary``, half-split layout:
+    ``x * cos + rotate_half(x) * sin``). Returns ``(out [B, S, Hq*D], present_k, present_v
+    [B, Hkv, P+S, D])``.
     """
     b, s, _ = q.shape
     d = q.shape[-1] // num_heads
-    qh = q.reshape(b, s, num_heads, d).transpose(1, 2)
-    pk = torch.cat([past_k, k.reshape(b, s, kv_num_heads, d).transpose(1, 2)], dim=2)
-    pv = torch.cat([past_v, v.reshape(b, s, kv_num_heads, d).transpose(1, 2)], dim=2)
     qpos = (seqlens_k.long() + 1 - s)[:, None] + torch.arange(s)[None, :]  # [B, S]
+    qh = q.reshape(b, s, num_heads, d).transpose(1, 2)
+    kh = k.reshape(b, s, kv_num_heads, d).transpose(1, 2)
+    if cos_cache is not None and sin_cache is not None:
+        cos = torch.cat([cos_cache[qpos], cos_cache[qpos]], dim=-1)[:, None]  # [B, 1, S, D]
+        sin = torch.cat([sin_cache[qpos], sin_cache[qpos]], dim=-1)[:, None]
+        qh, kh = _rotate(qh, cos, sin), _rotate(kh, cos, sin)
+    pk = torch.cat([past_k, kh], dim=2)
+    pv = torch.cat([past_v, v.reshape(b, s, kv_num_heads, d).transpose(1, 2)], dim=2)
     allowed = torch.arange(pk.shape[2])[None, None, :] <= qpos[:, :, None]  # [B, S, L]
     bias = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed,
                                                                  torch.finfo(q.dtype).min)
@@ -126,8 +142,14 @@ def group_query_attention(
     return out.transpose(1, 2).reshape(b, s, num_heads * d), pk, pv
 
 
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], dim=-1) * sin
+
+
 @group_query_attention.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total_len, num_heads, kv_num_heads, scale):
+def _(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_heads,
+      kv_num_heads, scale):
     b, s, _ = q.shape
     shape = (b, past_k.shape[1], past_k.shape[2] + s, past_k.shape[3])
     return torch.empty_like(q), past_k.new_empty(shape), past_v.new_empty(shape)
@@ -174,11 +196,13 @@ def _schemas() -> dict[str, object]:
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[fp("query", "T"), fp("key", "T", param_option=o), fp("value", "T", param_option=o),
                 fp("past_key", "T", param_option=o), fp("past_value", "T", param_option=o),
-                fp("seqlens_k", "M"), fp("total_sequence_length", "M")],
+                fp("seqlens_k", "M"), fp("total_sequence_length", "M"),
+                fp("cos_cache", "T", param_option=o), fp("sin_cache", "T", param_option=o)],
         outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
         type_constraints=[*f32, ("M", ["tensor(int32)"], "")],
         attributes=[attr("num_heads", ints, ""), attr("kv_num_heads", ints, ""),
-                    attr("scale", floats, "")],
+                    attr("scale", floats, ""), attr("do_rotary", ints, ""),
+                    attr("rotary_interleaved", ints, "")],
     )
     return {s.name: s for s in (sln, skip_sln, skip_ln, gqa)}
 
@@ -208,9 +232,12 @@ def translation_table() -> dict[Callable, Callable]:
         y, _, _, s = skip_ln(x, skip, weight, bias, None, epsilon=eps, _num_outputs=4)
         return y, s
 
-    def t_gqa(q, k, v, past_k, past_v, seqlens_k, total_len, num_heads, kv_num_heads, scale):
-        return gqa(q, k, v, past_k, past_v, seqlens_k, total_len, num_heads=num_heads,
-                   kv_num_heads=kv_num_heads, scale=scale, _num_outputs=3)
+    def t_gqa(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache=None, sin_cache=None,
+              num_heads=1, kv_num_heads=1, scale=1.0):
+        rotary = cos_cache is not None
+        return gqa(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache,
+                   num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
+                   do_rotary=int(rotary), rotary_interleaved=0, _num_outputs=3)
 
     ops = torch.ops.fxcompress_ort
     return {
@@ -232,6 +259,7 @@ class FusionStats:
     rms_norms: int = 0
     skip_layer_norms: int = 0
     attentions: int = 0
+    rotaries: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -289,14 +317,15 @@ def _fuse_norms(gm: fx.GraphModule, stats: FusionStats) -> None:
             if kind is None:
                 stats.notes.append(f"{ir.site(n)}: {ir.op_name(n)} kept ({why})")
             else:
-                plans.append((kind, n))
+                plans.append((kind, n, n.args[0]))
     done_adds: set[fx.Node] = set()
-    for kind, n in plans:
-        x = n.args[0]
+    for kind, n, summed in plans:
         eps = _eps(n)
         weight = n.args[2]
-        if kind.startswith("skip") and x in done_adds:
+        if kind.startswith("skip") and summed in done_adds:
+            # two norms read one residual sum (parallel attention + MLP): the first took it
             kind = "rms_norm" if kind == "skip_rms_norm" else None
+        x = n.args[0]
         if kind is None:
             stats.notes.append(f"{ir.site(n)}: layer_norm kept (its residual sum is fused "
                                "into another norm)")
@@ -333,7 +362,124 @@ def _bsh(g: fx.Graph, x: fx.Node, width: int) -> fx.Node:
         width]))
 
 
-def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats) -> None:
+def match_rotary(x: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(pre-rotary tensor, cos, sin)`` if ``x = a * cos + cat(-a[..., h:], a[..., :h]) * sin``.
+
+    The half-split ("rotate_half") layout of Llama, Qwen2, Mistral, Gemma, Phi-3...; the
+    multiplications may take their operands in either order.
+    """
+    if not ir.is_op(x, aten.add.Tensor) or len(x.args) != 2:
+        return None
+    for plain, rotated in (x.args, x.args[::-1]):
+        if not (isinstance(plain, fx.Node) and isinstance(rotated, fx.Node)
+                and ir.is_op(plain, aten.mul.Tensor) and ir.is_op(rotated, aten.mul.Tensor)):
+            continue
+        for a, cos in (plain.args, plain.args[::-1]):
+            for cat, sin in (rotated.args, rotated.args[::-1]):
+                if isinstance(a, fx.Node) and _is_rotate_half(cat, a):
+                    return a, cos, sin
+    return None
+
+
+def _is_rotate_half(cat, a: fx.Node) -> bool:
+    """``cat == cat([-a[..., h:], a[..., :h]], -1)`` with ``h`` half of ``a``'s last dim."""
+    if not (isinstance(cat, fx.Node) and ir.is_op(cat, aten.cat.default)):
+        return False
+    parts = cat.args[0]
+    dim = cat.args[1] if len(cat.args) > 1 else 0
+    val = a.meta.get("val")
+    if len(parts) != 2 or not isinstance(val, torch.Tensor) or dim not in (-1, val.dim() - 1):
+        return False
+    neg, first = parts
+    if not ir.is_op(neg, aten.neg.default):
+        return False
+    second = neg.args[0]
+    h = val.shape[-1] // 2
+
+    def is_slice(n, start, end):
+        return ir.is_op(n, aten.slice.Tensor) and n.args[0] is a and \
+            n.args[1] in (-1, val.dim() - 1) and n.args[2] == start and \
+            (n.args[3] if len(n.args) > 3 else _MAXINT) in ((end,) if end != _MAXINT else
+                                                             (_MAXINT, val.shape[-1]))
+
+    return is_slice(first, 0, h) and is_slice(second, h, _MAXINT)
+
+
+_MAXINT = 9223372036854775807
+
+
+def rotary_tables_reason(rq, rk, d: int) -> str | None:
+    """Why the query/key rotary cannot move into the attention kernel (None: it can)."""
+    if rq is None and rk is None:
+        return "no rotary"
+    if rq is None or rk is None:
+        return "only one of query and key is rotated"
+    if rq[1] is not rk[1] or rq[2] is not rk[2]:
+        return "query and key use different cos/sin tensors"
+    if d % 16:
+        return f"head size {d} is not a multiple of 16 (ORT's rotary inside the kernel)"
+    return None
+
+
+def _rotary_caches(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, n: int,
+                   before: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """Parameters ``[n, D/2]`` holding cos/sin at positions ``0..n-1``, or None.
+
+    ``cos``/``sin`` are evaluated by running their ancestors on a prompt of ``n`` tokens
+    (all ones ``attention_mask``, empty cache); they must be ``[.., n, D]`` with every
+    leading dim 1 and equal halves (the half-split layout repeats the frequencies).
+    """
+    tables = []
+    for node in (cos, sin):
+        v = _evaluate_prompt(gm, node, n)
+        if v is None or v.shape[-2] != n or any(s != 1 for s in v.shape[:-2]):
+            return None
+        v = v.reshape(n, v.shape[-1])
+        h = v.shape[-1] // 2
+        if not torch.equal(v[:, :h], v[:, h:]):
+            return None
+        tables.append(v[:, :h].contiguous())
+    return tuple(ir.add_param(gm, f"ort_fused.{name}_cache", t, before=before.next)
+                 for name, t in zip(("cos", "sin"), tables))
+
+
+def _evaluate_prompt(gm: fx.GraphModule, node: fx.Node, n: int) -> torch.Tensor | None:
+    """Value of ``node`` for an unpadded prompt of ``n`` tokens and an empty cache."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        stack.extend(x.all_input_nodes)
+    order = [x for x in gm.graph.nodes if x in seen]
+    g = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    inputs = []
+    for x in order:
+        if x.op == "placeholder":
+            env[x] = g.placeholder(x.name)
+            val = x.meta.get("val")
+            if x.name == "attention_mask":
+                inputs.append(torch.ones(1, n, dtype=torch.long))
+            elif x.name == "input_ids" or (isinstance(val, torch.Tensor) and val.dim() == 2):
+                inputs.append(torch.zeros(1, n, dtype=torch.long))
+            else:  # a past cache: empty
+                inputs.append(torch.zeros(1, 1, 0, 1))
+        else:
+            env[x] = g.node_copy(x, lambda a: env[a])
+    g.output(env[node])
+    try:
+        with torch.no_grad():
+            out = fx.GraphModule(gm, g)(*inputs)
+    except Exception:  # a subgraph that needs real data is not a position table
+        return None
+    return out if isinstance(out, torch.Tensor) else None
+
+
+def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats,
+                    max_positions: int) -> None:
     g = gm.graph
     by_name = {n.name: n for n in g.nodes}
     mask_node = next((n for n in g.nodes if n.op == "placeholder" and
@@ -373,6 +519,7 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats) -> None:
             g.call_function(aten.sum.dim_IntList, (mask_node, [1])), 1))
         seqlens = g.call_function(aten._to_copy.default, (seqlens,), {"dtype": torch.int32})
         total_t = g.call_function(aten.scalar_tensor.default, (total,), {"dtype": torch.int32})
+    caches: dict[tuple[fx.Node, fx.Node], tuple[fx.Node, fx.Node] | None] = {}
     for layer, nodes in plans:
         sdpa = nodes["sdpa"]
         q = sdpa.args[0]
@@ -381,11 +528,24 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats) -> None:
         scale = sdpa.kwargs.get("scale")
         if scale is None:
             scale = d ** -0.5
+        q_in, k_in, cos_sin = q, nodes["key"], (None, None)
+        rq, rk = match_rotary(q), match_rotary(nodes["key"])
+        why = rotary_tables_reason(rq, rk, d)
+        if why is None:
+            key = (rq[1], rq[2])
+            if key not in caches:
+                caches[key] = _rotary_caches(gm, rq[1], rq[2], max_positions, before=last_input)
+            if caches[key] is None:
+                why = "cos/sin are not functions of the position alone at this size"
+            else:
+                q_in, k_in, cos_sin = rq[0], rk[0], caches[key]
+        if why is not None and why != "no rotary":
+            stats.notes.append(f"{layer.site}: rotary kept as generic ops ({why})")
         with g.inserting_before(sdpa):
             fused = g.call_function(ops.group_query_attention.default, (
-                _bsh(g, q, heads * d), _bsh(g, nodes["key"], layer.kv_heads * d),
+                _bsh(g, q_in, heads * d), _bsh(g, k_in, layer.kv_heads * d),
                 _bsh(g, nodes["value"], layer.kv_heads * d), nodes["past_key"], nodes["past_value"],
-                seqlens, total_t, heads, layer.kv_heads, float(scale)))
+                seqlens, total_t, *cos_sin, heads, layer.kv_heads, float(scale)))
             out = g.call_function(operator.getitem, (fused, 0))
             out = g.call_function(aten.reshape.default, (out, [
                 g.call_function(aten.sym_size.int, (q, 0)),
@@ -393,6 +553,7 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats) -> None:
             out = g.call_function(aten.transpose.int, (out, 1, 2))
             present_k = g.call_function(operator.getitem, (fused, 1))
             present_v = g.call_function(operator.getitem, (fused, 2))
+        stats.rotaries += cos_sin[0] is not None
         ir.copy_meta(sdpa, out, created_by="ort_fused")
         sdpa.replace_all_uses_with(out)
         for key, new in (("present_key", present_k), ("present_value", present_v)):
@@ -400,12 +561,15 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats) -> None:
         stats.attentions += 1
 
 
-def lower_fused(kv, *, norms: bool = True, attention: bool = True) -> tuple[fx.GraphModule, FusionStats]:
+def lower_fused(kv, *, norms: bool = True, attention: bool = True,
+                max_positions: int = 4096) -> tuple[fx.GraphModule, FusionStats]:
     """A copy of the KV-cache graph with norms and attention replaced by fused ORT ops.
 
     Args:
         kv: a :class:`compiler.kv_cache.KVCacheGraph` (not modified).
         norms, attention: which rule families to apply.
+        max_positions: length of the cos/sin tables when the rotary moves into the attention
+            kernel (the model's context length).
 
     Returns:
         ``(lowered GraphModule, stats with one note per site left generic)``.
@@ -413,7 +577,7 @@ def lower_fused(kv, *, norms: bool = True, attention: bool = True) -> tuple[fx.G
     gm = copy.deepcopy(kv.graph_module)
     stats = FusionStats()
     if attention:
-        _fuse_attention(gm, kv.layers, stats)
+        _fuse_attention(gm, kv.layers, stats, max_positions)
     if norms:
         _fuse_norms(gm, stats)
     gm.graph.eliminate_dead_code()
