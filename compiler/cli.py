@@ -45,9 +45,10 @@ def _load_any(spec: str):
     if _is_artifact(spec):
         cm = compiler.load(spec)
         return cm, cm, cm.tokenizer_dir
+    from compiler.frontend import tokenizer_dir_of
+
     model = compiler.load_model(spec)
-    tok = Path(spec) if (Path(spec) / "tokenizer.json").is_file() else None
-    return model, None, tok
+    return model, None, tokenizer_dir_of(spec) if Path(spec).exists() else None
 
 
 def _parse_passes(args) -> list:
