@@ -12,9 +12,12 @@ generates with, and that Optimum's ``ORTModelForCausalLM`` IO convention matches
 IO names: inputs ``input_ids [batch_size, sequence_length]``, ``attention_mask [batch_size,
 total_sequence_length]`` (int64, 0 at left padding), ``past_key_values.{i}.key`` /
 ``.value [batch_size, kv_heads, past_sequence_length, head_dim]``; outputs ``logits``,
-``present.{i}.key`` / ``.value`` with ``total_sequence_length``. The cache is concatenated
-in the graph (``past_present_share_buffer: false`` in the config): the runtime feeds each
-step's ``present`` back as the next ``past``.
+``present.{i}.key`` / ``.value`` with ``total_sequence_length``. With the generic ops the cache
+is concatenated in the graph (``past_present_share_buffer: false``: the runtime feeds each
+step's ``present`` back as the next ``past``); when every layer's attention, rotary included,
+is lowered to ``GroupQueryAttention`` nothing else reads the cache, and the config says
+``past_present_share_buffer: true``: ORT GenAI then keeps one cache buffer of the context
+length and the kernel appends to it in place, as with the builder's models.
 
 ORT GenAI allocates one cache shape for all layers, so when pruning left layers with
 different kv-head counts the cache is zero-padded to the largest (``cache_heads`` in
@@ -60,7 +63,7 @@ DEFAULT_CONTEXT = 2048
 
 def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
                    external_data: bool | None = True, fused: bool = True,
-                   max_positions: int = DEFAULT_CONTEXT) -> Path:
+                   max_positions: int = DEFAULT_CONTEXT) -> tuple[Path, bool]:
     """Export a :class:`compiler.kv_cache.KVCacheGraph` to ONNX with the GenAI IO names.
 
     With ``fused`` (default) norms and cached attention lower to ORT's fused kernels
@@ -68,17 +71,23 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
     quantized graph is lowered to ORT's integer kernels (``MatMulIntegerToFloat``,
     ``MatMulNBits`` with ``accuracy_level``). Written atomically.
 
+    Returns:
+        ``(path, shares_buffer)``: ``shares_buffer`` when every past input is read only by
+        fused attention ops, so the runtime may keep past and present in one buffer of the
+        context length (ORT GenAI's ``past_present_share_buffer``, no cache copy per step).
+
     Raises:
         ExportError: re-export or translation failed (names the path and the cause).
     """
     from backends.onnxruntime import export_onnx
 
-    gm, table = kv.graph_module, {}
+    gm, table, shares_buffer = kv.graph_module, {}, False
     if fused:
         from backends import ort_fused
 
         gm, stats = ort_fused.lower_fused(kv, max_positions=max_positions)
         table.update(ort_fused.translation_table())
+        shares_buffer = stats.cache_only_in_attention
         for note in stats.notes:
             log.info("fused lowering: %s", note)
     if ir.is_quantized(gm):
@@ -106,9 +115,10 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
     for name in names_out[1:]:
         axes[name] = {0: "batch_size", 2: "total_sequence_length"}
-    return export_onnx(gm, path, example_inputs=examples, custom_translation_table=table or None,
+    path = export_onnx(gm, path, example_inputs=examples, custom_translation_table=table or None,
                        input_names=names_in, output_names=names_out, dynamic_shapes=shapes,
                        axis_names=axes, external_data=external_data)
+    return path, shares_buffer
 
 
 def genai_config(kv, config: dict, *, context_length: int | None = None,
@@ -209,8 +219,9 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
     except OSError as e:
         raise ArtifactError(f"cannot write the GenAI folder {folder}: {e}") from e
     try:
-        export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level, fused=fused,
-                       max_positions=cfg["model"]["context_length"])
+        _, shares_buffer = export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level,
+                                          fused=fused, max_positions=cfg["model"]["context_length"])
+        cfg["search"]["past_present_share_buffer"] = shares_buffer
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=4))
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:

@@ -260,6 +260,9 @@ class FusionStats:
     skip_layer_norms: int = 0
     attentions: int = 0
     rotaries: int = 0
+    #: every past input is read by a fused attention op and nothing else (no position or mask
+    #: arithmetic on the cache length): the runtime may share past and present buffers
+    cache_only_in_attention: bool = False
     notes: list[str] = field(default_factory=list)
 
 
@@ -547,15 +550,16 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats,
                 _bsh(g, nodes["value"], layer.kv_heads * d), nodes["past_key"], nodes["past_value"],
                 seqlens, total_t, *cos_sin, heads, layer.kv_heads, float(scale)))
             out = g.call_function(operator.getitem, (fused, 0))
-            out = g.call_function(aten.reshape.default, (out, [
-                g.call_function(aten.sym_size.int, (q, 0)),
-                g.call_function(aten.sym_size.int, (q, 2)), heads, d]))
+            out = g.call_function(aten.reshape.default, (out, [  # sizes of q_in: q may be dead
+                g.call_function(aten.sym_size.int, (q_in, 0)),
+                g.call_function(aten.sym_size.int, (q_in, 2)), heads, d]))
             out = g.call_function(aten.transpose.int, (out, 1, 2))
             present_k = g.call_function(operator.getitem, (fused, 1))
             present_v = g.call_function(operator.getitem, (fused, 2))
         stats.rotaries += cos_sin[0] is not None
         ir.copy_meta(sdpa, out, created_by="ort_fused")
         sdpa.replace_all_uses_with(out)
+        g.erase_node(sdpa)  # dead code elimination keeps it (tagged nondeterministic: dropout)
         for key, new in (("present_key", present_k), ("present_value", present_v)):
             nodes[key].replace_all_uses_with(new, delete_user_cb=lambda u: u.op == "output")
         stats.attentions += 1
@@ -583,6 +587,10 @@ def lower_fused(kv, *, norms: bool = True, attention: bool = True,
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    gqa = torch.ops.fxcompress_ort.group_query_attention.default
+    pasts = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
+    stats.cache_only_in_attention = bool(pasts) and all(
+        u.op == "call_function" and u.target is gqa for n in pasts for u in n.users)
     log.info("ort fused lowering: %d skip+rms, %d rms, %d skip+layer norms, %d attentions; "
              "%d sites kept", stats.skip_rms_norms, stats.rms_norms, stats.skip_layer_norms,
              stats.attentions, len(stats.notes))

@@ -161,7 +161,8 @@ def test_genai_folder_has_the_config_and_layout_the_runtime_reads(tmp_path):
     assert dec["head_size"] == 16
     assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
-    assert cfg["search"]["past_present_share_buffer"] is False
+    # every layer's attention and rotary run in GroupQueryAttention: one shared cache buffer
+    assert cfg["search"]["past_present_share_buffer"] is True
     assert cfg["model"]["context_length"] == 512
     assert (folder / "model.onnx").is_file()
 
@@ -192,3 +193,17 @@ def test_ort_runner_checks_past_count_and_prompt_length(tmp_path):
         model.generate(ids, beams=2)
     out = model.generate(ids, max_new_tokens=5, eos_token_id=None)
     assert torch.equal(out, cm.generate(ids, max_new_tokens=5, eos_token_id=None))
+
+
+@needs_genai
+@pytest.mark.slow
+@pytest.mark.parametrize("fused", [True, False])
+def test_genai_generates_what_the_graph_generates_with_and_without_a_shared_buffer(fused,
+                                                                                  tmp_path):
+    cm = compiler.compile(tiny_model("llama"), [])
+    folder = cm.export_genai(tmp_path / "g", fused=fused)
+    cfg = read_genai_config(folder)
+    assert cfg["search"]["past_present_share_buffer"] is fused
+    prompt = _ids(256, (1, 6))
+    ours = genai_generate(folder, prompt, max_new_tokens=24)
+    assert ours == cm.generate(prompt, max_new_tokens=24)[0].tolist()
