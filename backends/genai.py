@@ -45,6 +45,7 @@ import torch
 
 from compiler import ir
 from compiler.errors import ArtifactError, PreconditionError
+from compiler.fileio import replace_dir
 from compiler.generation import GenerationStats, SamplingOptions, generate
 
 log = logging.getLogger(__name__)
@@ -236,21 +237,6 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
         raise
     log.info("wrote ONNX Runtime GenAI folder %s", folder)
     return folder
-
-
-def replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing target is swapped out only after the move."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            os.replace(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 # ----------------------------------------------------------------------------- runners

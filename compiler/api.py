@@ -26,6 +26,7 @@ from torch import fx
 
 from compiler import ir
 from compiler.errors import ArtifactError, DataError, FxCompressError, PreconditionError
+from compiler.fileio import replace_dir
 from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
@@ -232,7 +233,7 @@ class CompiledModel:
                 "files": {f: _file_entry(tmp / f) for f in names},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, OSError):
@@ -249,18 +250,8 @@ class CompiledModel:
             ArtifactError: missing, truncated or tampered files, or unsafe pickled content.
         """
         directory = Path(directory)
+        manifest = read_manifest(directory)
         mpath = directory / "manifest.json"
-        if not mpath.is_file():
-            raise ArtifactError(f"{directory}: no manifest.json (not an fxcompress artifact?)")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
-        if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-            raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
-        if not isinstance(manifest.get("version"), int) or manifest["version"] > ARTIFACT_VERSION:
-            raise ArtifactError(f"{mpath}: artifact format version {manifest.get('version')!r} "
-                                f"is newer than this fxcompress reads ({ARTIFACT_VERSION})")
         files = manifest.get("files")
         if not isinstance(files, dict) or not {"program.pt2", "report.json"} <= set(files):
             raise ArtifactError(f"{mpath}: manifest does not list program.pt2 and report.json")
@@ -297,6 +288,34 @@ class CompiledModel:
                    tokenizer_dir=tok)
 
 
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The checked ``manifest.json`` of a compiled artifact (format and version; files unchecked).
+
+    Raises:
+        ArtifactError: not a folder with a manifest, a corrupt or foreign manifest, or a format
+            version newer than this fxcompress reads.
+    """
+    directory = Path(directory)
+    mpath = directory / "manifest.json"
+    if not directory.is_dir():
+        raise ArtifactError(f"{directory}: no such folder (give a compiled artifact folder, "
+                            "written by fxcompress compile -o)")
+    if not mpath.is_file():
+        raise ArtifactError(f"{directory}: not an fxcompress artifact (no manifest.json; "
+                            "write one with fxcompress compile MODEL -o FOLDER)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
+    version = manifest.get("version")
+    if not isinstance(version, int) or version > ARTIFACT_VERSION:
+        raise ArtifactError(f"{mpath}: artifact format version {version!r} is newer than this "
+                            f"fxcompress reads ({ARTIFACT_VERSION}); upgrade fxcompress")
+    return manifest
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -307,21 +326,6 @@ def _sha256(path: Path) -> str:
 
 def _file_entry(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing target is swapped out only after the move."""
-    if target.exists():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            os.replace(backup, target)
-            raise
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
 
 
 @contextlib.contextmanager

@@ -50,26 +50,11 @@ def read_artifact_report(directory: str | os.PathLike) -> Report:
         ArtifactError: not an artifact, a newer format, or report.json missing or modified.
         ReportError: an artifact written before per-pass report data was recorded.
     """
-    from compiler.api import ARTIFACT_FORMAT, ARTIFACT_VERSION, _sha256
+    from compiler.api import _sha256, read_manifest
 
     directory = Path(directory)
-    mpath = directory / "manifest.json"
-    if not directory.is_dir():
-        raise ArtifactError(f"{directory}: no such folder (give a compiled artifact folder, "
-                            "written by fxcompress compile -o)")
-    if not mpath.is_file():
-        raise ArtifactError(f"{directory}: not an fxcompress artifact (no manifest.json; "
-                            "write one with fxcompress compile MODEL -o FOLDER)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > ARTIFACT_VERSION:
-        raise ArtifactError(f"{mpath}: artifact format version {version!r} is newer than this "
-                            f"fxcompress reads ({ARTIFACT_VERSION}); upgrade fxcompress")
+    manifest = read_manifest(directory)
+    version = manifest["version"]
     entry = (manifest.get("files") or {}).get("report.json")
     rpath = directory / "report.json"
     if not isinstance(entry, dict) or not rpath.is_file():

@@ -28,7 +28,8 @@ def _export_both(cm, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "opt", "gemma", "phi3"])
+# every family's fused export is also checked against its original model in test_genai
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_fused_export_equals_the_unfused_export_prefill_and_decode(family, tmp_path):
     cm = compiler.compile(tiny_model(family), [])
     fused, plain = _export_both(cm, tmp_path)
