@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +44,7 @@ import torch
 
 from compiler import ir
 from compiler.errors import ArtifactError, PreconditionError
-from compiler.fileio import replace_dir
+from compiler.fileio import staged_dir
 from compiler.generation import GenerationStats, SamplingOptions, generate
 
 log = logging.getLogger(__name__)
@@ -207,19 +206,8 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
         ExportError, PreconditionError: as :func:`export_kv_onnx`, :func:`genai_config`.
     """
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
-        raise ArtifactError(f"{folder} exists and is not empty (pass overwrite=True)")
     cfg = genai_config(kv, config, context_length=context_length, threads=threads)
-    parent = folder.parent if str(folder.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    except OSError as e:
-        raise ArtifactError(f"cannot write the GenAI folder {folder}: {e}") from e
-    try:
+    with staged_dir(folder, "the GenAI folder", overwrite=overwrite) as tmp:
         _, shares_buffer = export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level,
                                           fused=fused, max_positions=cfg["model"]["context_length"])
         cfg["search"]["past_present_share_buffer"] = shares_buffer
@@ -229,12 +217,6 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copyfile(src, tmp / name)
-        replace_dir(tmp, folder)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise ArtifactError(f"cannot write the GenAI folder {folder}: {e}") from e
-        raise
     log.info("wrote ONNX Runtime GenAI folder %s", folder)
     return folder
 

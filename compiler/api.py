@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import fx
 
 from compiler import ir
 from compiler.errors import ArtifactError, DataError, FxCompressError, PreconditionError
-from compiler.fileio import replace_dir
+from compiler.fileio import staged_dir
 from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
@@ -207,15 +206,7 @@ class CompiledModel:
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save the compiled artifact to ``directory`` atomically (program, report, manifest)."""
         directory = Path(directory)
-        if directory.exists() and any(directory.iterdir()) and not overwrite:
-            raise ArtifactError(f"{directory} exists and is not empty (pass overwrite=True)")
-        parent = directory.parent if str(directory.parent) else Path(".")
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=parent))
-        except OSError as e:
-            raise ArtifactError(f"cannot write the artifact to {directory}: {e}") from e
-        try:
+        with staged_dir(directory, "the artifact", overwrite=overwrite) as tmp:
             ep = export_program(self.graph_module, self.example_inputs())
             torch.export.save(ep, tmp / "program.pt2")
             (tmp / "report.json").write_text(self.report.to_json())
@@ -233,12 +224,6 @@ class CompiledModel:
                 "files": {f: _file_entry(tmp / f) for f in names},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-            replace_dir(tmp, directory)
-        except BaseException as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(e, OSError):
-                raise ArtifactError(f"cannot write the artifact to {directory}: {e}") from e
-            raise
         log.info("saved compiled model to %s", directory)
         return directory
 
