@@ -496,6 +496,7 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
     The probe only supplies rank and dtype: batch and sequence stay symbolic, so channel dims are
     the only concrete sizes in the metadata afterwards (as after tracing).
     """
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -506,7 +507,11 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
             probe,
             symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * probe.dim()),
         )
-        FakeTensorProp(gm, mode).propagate(fake)
+        # The python dispatcher lets meta kernels that call composite ops with symbolic sizes
+        # (baddbmm expanding an ALiBi bias [b*h, 1, s] to [b*h, s, s]) take the SymInt path, as
+        # torch.export does when tracing; without it they fail on "concrete integers".
+        with enable_python_dispatcher():
+            FakeTensorProp(gm, mode).propagate(fake)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise VerificationError(f"shape propagation failed{ctxmsg}: {type(e).__name__}: {first}") from e
