@@ -26,7 +26,9 @@ Sites rewritten: every tensor read only by linears (the LM head excepted: it sta
 default, so smoothing it buys nothing) whose producer is foldable as above. Skipped, with a note:
 tensors also read by a non-linear op, the LM head's input, producers that are not linear in the
 channel (``gelu``, ``silu``, a residual ``add``, a norm without gain), producers shared with
-other readers. No per-family code: only op kinds and the channel groups decide.
+other readers, consumers whose weight another op also reads (a tied embedding table, e.g.
+Gemma2's LM head behind its logit soft-capping). No per-family code: only op kinds and the
+channel groups decide.
 
 Preconditions: ``canonical`` and ``calibrated``; the graph must not be quantized yet (checked
 in ``run``: a ``quantized_decomposed`` node raises :class:`PreconditionError`). Exact; preserves
@@ -126,6 +128,9 @@ def find_smoothing_sites(gm: fx.GraphModule, groups: ChannelGroups) -> list[Smoo
             s.skip = "read by the LM head, which stays float"
         elif any(ir.param_node(ir.linear_parts(n)[1]) is None for n in lins):
             s.skip = "a reading linear's weight is not a parameter"
+        elif any(_read_outside(gm, ir.linear_parts(n)[1], lins) for n in lins):
+            s.skip = ("a reading linear's weight is also read elsewhere (a tied embedding "
+                      "table); scaling its columns would change that reader")
         elif any(u not in lins for u in x.users):
             others = sorted({ir.op_name(u) for u in x.users if u not in lins})
             s.skip = f"also read by {', '.join(others)}; a scale would change them"
@@ -156,6 +161,13 @@ def _decide_norm(gm: fx.GraphModule, s: SmoothingSite) -> None:
     s.producer_params = [(str(w.target), 0)] + ([(str(b.target), 0)] if b is not None else [])
     s.channel_of = torch.arange(width)
     s.width = width
+
+
+def _read_outside(gm: fx.GraphModule, p: fx.Node, users: list[fx.Node]) -> bool:
+    """True if the parameter behind ``p`` is read by an op not in ``users``."""
+    target = str(p.target)
+    return any(u not in users for n in ir.iter_get_attrs(gm) if str(n.target) == target
+               for u in n.users)
 
 
 def _shared_param(gm: fx.GraphModule, p: fx.Node, user: fx.Node) -> bool:
