@@ -9,6 +9,13 @@ Identities relied on (each rule is exact):
   ``aten.rms_norm(x, [H], g, eps)``; a gain written ``(c + w)`` (Gemma) is the parameter ``w + c``.
 - GPT-2 ``Conv1D``: ``view(addmm(b, view(x, [-1, K]), W), [..., N])`` equals
   ``linear(x, W^T, b)`` with ``W: [K, N]`` stored transposed as ``[N, K]``.
+- ``matmul(x, W.T)`` (``numpy_T``/``t``/``transpose(W, 0, 1)``/``permute(W, [1, 0])`` of a
+  ``[N, K]`` parameter, Falcon's ``FalconLinear``), plus an optional ``add`` of a ``[N]``
+  parameter, equals ``linear(x, W, b)``.
+- ``add_(a, b)`` (in place) equals ``add(a, b)`` when nothing else reads ``a``.
+- ``x[..., c]`` (``index`` with one constant integer index tensor ``c`` holding consecutive
+  values ``i, i+1, ..., j-1``, Falcon's fused-qkv key/value pick) equals ``slice(x, dim, i, j)``;
+  ``broadcast_to(x, size)`` equals ``expand(x, size)``.
 - Optionally, tied embeddings are untied: the embedding gets its own copy of the shared table,
   so passes may change the lm_head's columns and the embedding table independently.
 
@@ -77,6 +84,9 @@ class Canonicalize(Pass):
             "identity_ops_removed": remove_identity_ops(gm),
             "rms_norms_raised": raise_rms_norms(gm),
             "conv1d_to_linear": convert_conv1d(gm),
+            "matmul_to_linear": convert_matmul_transposed(gm),
+            "inplace_to_functional": functionalize_inplace(gm),
+            "index_to_slice": index_to_slice(gm),
             "embeddings_untied": untie_embeddings(gm) if self.untie_embeddings else 0,
         }
         before = len(gm.graph.nodes)
@@ -237,6 +247,135 @@ def convert_conv1d(gm: fx.GraphModule) -> int:
     return len(matches)
 
 
+_TRANSPOSES = {aten.numpy_T.default, aten.t.default, aten.transpose.int, aten.permute.default}
+
+
+def _transposed_param(gm: fx.GraphModule, t: fx.Node) -> fx.Node | None:
+    """The ``[N, K]`` parameter ``W`` if ``t`` is ``W.T`` (and read only there), else None."""
+    if not (isinstance(t, fx.Node) and t.op == "call_function" and t.target in _TRANSPOSES):
+        return None
+    w = t.args[0]
+    if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(t.users) == 1):
+        return None
+    v = _val(w)
+    if v is None or v.dim() != 2:
+        return None
+    if t.target is aten.transpose.int and sorted(a % 2 for a in t.args[1:3]) != [0, 1]:
+        return None
+    if t.target is aten.permute.default and [a % 2 for a in t.args[1]] != [1, 0]:
+        return None
+    return w
+
+
+def convert_matmul_transposed(gm: fx.GraphModule) -> int:
+    """Turn ``matmul(x, W.T)`` (+ a ``[N]`` parameter bias) into ``linear(x, W, b)``."""
+    # decide
+    matches = []
+    for n in gm.graph.nodes:
+        if not ir.is_op(n, aten.matmul.default) or len(n.args) != 2:
+            continue
+        x, t = n.args
+        w = _transposed_param(gm, t)
+        xv = _val(x)
+        if w is None or xv is None or xv.dim() < 2:
+            continue
+        bias, last = None, n
+        if len(n.users) == 1:
+            (u,) = n.users
+            if ir.is_op(u, aten.add.Tensor) and len(u.args) == 2:
+                other = u.args[1] if u.args[0] is n else u.args[0]
+                ov = _val(other)
+                if (isinstance(other, fx.Node) and other.op == "get_attr" and ov is not None
+                        and ov.dim() == 1 and ov.shape[0] == _val(w).shape[0]):
+                    bias, last = other, u
+        matches.append((n, x, w, bias, last))
+    # mutate
+    for n, x, w, bias, last in matches:
+        with gm.graph.inserting_before(last):
+            lin = gm.graph.call_function(aten.linear.default, (x, w, bias))
+        ir.copy_meta(last, lin, created_by="canonicalize")
+        lin.meta["nn_module_stack"] = n.meta.get("nn_module_stack", last.meta.get("nn_module_stack"))
+        last.replace_all_uses_with(lin)
+    gm.graph.eliminate_dead_code()
+    return len(matches)
+
+
+# In-place op -> its functional form (exact when nothing else reads the mutated operand).
+_INPLACE = {aten.add_.Tensor: aten.add.Tensor, aten.mul_.Tensor: aten.mul.Tensor,
+            aten.sub_.Tensor: aten.sub.Tensor, aten.div_.Tensor: aten.div.Tensor}
+
+
+def functionalize_inplace(gm: fx.GraphModule) -> int:
+    """Replace ``add_(a, b)`` and friends by ``add(a, b)`` where ``a`` has no other reader."""
+    # decide
+    todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _INPLACE
+            and isinstance(n.args[0], fx.Node) and n.args[0].op == "call_function"
+            and len(n.args[0].users) == 1]
+    # mutate
+    for n in todo:
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(_INPLACE[n.target], n.args, n.kwargs)
+        ir.copy_meta(n, new, created_by="canonicalize")
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    return len(todo)
+
+
+def _constant_value(gm: fx.GraphModule, n) -> torch.Tensor | None:
+    """The value of a constant tensor node (``get_attr``, possibly through ``lift_fresh_copy``)."""
+    if isinstance(n, fx.Node) and ir.is_op(n, aten.lift_fresh_copy.default):
+        n = n.args[0]
+    if not (isinstance(n, fx.Node) and n.op == "get_attr"):
+        return None
+    try:
+        v = ir.get_param(gm, n)
+    except Exception:
+        return None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def index_to_slice(gm: fx.GraphModule) -> int:
+    """``x[..., c]`` with a constant range ``c`` -> ``slice``; ``broadcast_to`` -> ``expand``."""
+    # decide
+    slices, expands = [], []
+    for n in gm.graph.nodes:
+        if ir.is_op(n, aten.broadcast_to.default):
+            expands.append(n)
+            continue
+        if not ir.is_op(n, aten.index.Tensor) or len(n.args) != 2:
+            continue
+        x, idx = n.args
+        xv = _val(x)
+        if xv is None or not isinstance(idx, (list, tuple)) or not idx or idx[-1] is None \
+                or any(i is not None for i in idx[:-1]):
+            continue
+        dim = len(idx) - 1
+        size = xv.shape[dim]
+        c = _constant_value(gm, idx[-1])
+        if not isinstance(size, int) or c is None or c.dim() != 1 or c.numel() == 0 \
+                or c.dtype not in (torch.int64, torch.int32):
+            continue
+        c = torch.where(c < 0, c + size, c).tolist()
+        if c != list(range(c[0], c[0] + len(c))) or not 0 <= c[0] < c[-1] + 1 <= size:
+            continue
+        slices.append((n, x, dim, c[0], c[-1] + 1))
+    # mutate
+    for n, x, dim, start, stop in slices:
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(aten.slice.Tensor, (x, dim, start, stop))
+        ir.copy_meta(n, new, created_by="canonicalize")
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    for n in expands:
+        with gm.graph.inserting_before(n):
+            new = gm.graph.call_function(aten.expand.default, (n.args[0], list(n.args[1])))
+        ir.copy_meta(n, new, created_by="canonicalize")
+        n.replace_all_uses_with(new)
+        gm.graph.erase_node(n)
+    gm.graph.eliminate_dead_code()
+    return len(slices) + len(expands)
+
+
 def untie_embeddings(gm: fx.GraphModule) -> int:
     """Give each embedding that shares its table with another reader a private copy."""
     # decide
@@ -258,6 +397,9 @@ __all__ = [
     "Canonicalize",
     "canonicalize",
     "convert_conv1d",
+    "convert_matmul_transposed",
+    "functionalize_inplace",
+    "index_to_slice",
     "raise_rms_norms",
     "remove_identity_ops",
     "untie_embeddings",
