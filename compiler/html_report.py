@@ -649,19 +649,18 @@ def _plot_quant(fig, layers: list[dict[str, Any]]) -> None:
             ax.plot(*zip(*pts), marker=marker, ms=3, lw=0.7, color=color, label=label)
     _log_y(ax)
     ax.set_ylabel("relative error")
-    ticks = [i for i, x in enumerate(layers) if i == 0 or _block_of(x["layer"]) !=
-             _block_of(layers[i - 1]["layer"])]
-    ax.set_xticks(ticks, [_block_of(layers[i]["layer"]) for i in ticks], rotation=0)
+    ticks = [i for i, x in enumerate(layers) if i == 0 or _block_of(x) != _block_of(layers[i - 1])]
+    ax.set_xticks(ticks, [_block_of(layers[i]) for i in ticks], rotation=0)
     ax.set_xlabel("layer (graph order; ticks at block starts)")
     ax.legend(loc="upper left", frameon=False, ncols=3)
 
 
-def _block_of(module: str) -> str:
-    parts = module.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "layer", "blocks", "block") and parts[i + 1].isdigit():
-            return parts[i + 1]
-    return parts[-1]
+def _block_of(layer: dict[str, Any]) -> str:
+    """The tick label of a quantized layer: its block (from the graph's structure, recorded by
+    report_capture), else the last part of its module path (LM head, embedding)."""
+    if layer.get("block") is not None:
+        return str(layer["block"])
+    return str(layer["layer"]).rsplit(".", 1)[-1]
 
 
 def _plot_variance(fig, bases: list[dict[str, Any]]) -> None:

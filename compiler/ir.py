@@ -7,6 +7,7 @@ never by fx node names, which change from trace to trace.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -62,12 +63,179 @@ def site(node: fx.Node, role: str | None = None) -> str:
 
 
 def block_index(node: fx.Node) -> int | None:
-    """Index of the repeated decoder block a node belongs to (``layers.3`` -> 3), else None."""
-    parts = module_path(node).split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p in ("layers", "h", "layer", "blocks", "block") and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+    """Index of the decoder block ``node`` belongs to, found from the graph's structure, else None.
+
+    See :func:`block_indices`; module names play no part, so a family that calls its blocks
+    ``stack.3`` or ``decoder.blk.3`` gets the same answer as one calling them ``layers.3``.
+    Cached per graph (recomputed when the graph's node count changes or ``node`` is new).
+    """
+    graph = node.graph
+    cached = _BLOCK_CACHE.get(graph)
+    if cached is None or cached[0] != len(graph.nodes) or node not in cached[1]:
+        cached = (len(graph.nodes), block_indices(graph))
+        _BLOCK_CACHE[graph] = cached
+    return cached[1].get(node)
+
+
+_BLOCK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+#: Ops whose output depends on the *shape* of a tensor input only, not its values: no data edge.
+_SHAPE_ONLY = {"sym_size", "sym_numel", "sym_stride", "ones_like", "zeros_like", "empty_like",
+               "full_like", "new_ones", "new_zeros", "new_empty", "new_full", "_assert_tensor_metadata"}
+#: Ops that mark a stream segment as an attention sub-block.
+_ATTENTION = {"scaled_dot_product_attention", "_softmax", "softmax", "_safe_softmax",
+              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+              "_scaled_dot_product_flash_attention"}
+#: Ops that can write the residual stream (merge a branch back into it).
+_MERGE = {"add", "add_"}
+
+
+def block_indices(graph: fx.Graph | fx.GraphModule) -> dict[fx.Node, int | None]:
+    """The decoder block of every node, from the residual stream's structure (no names).
+
+    The residual stream is the chain of *post-dominators* of the token embedding(s) in the
+    tensor data flow: the nodes every path from the embedding to the output goes through
+    (embedding, [scale], residual add, residual add, ..., final norm, LM head). Between two
+    consecutive ones lies either one op (a transparent step: an embedding scale, a positional
+    table added, a post-LN norm) or a *branch*: the sub-graph that reads the stream and is merged
+    back by an ``add`` (attention, MLP, a SliceGPT shortcut). Each branch is one segment; a
+    segment holding attention (SDPA or softmax) opens a new decoder block and the segments after
+    it until the next attention join it (Llama: attention + MLP; parallel attention: one
+    segment; a family with no attention: one block per segment). Transparent steps between
+    segments belong to the block before them; those before the first and after the last
+    segment (embedding, final norm, LM head) to none. A node outside the stream's data flow
+    (a parameter, a constant, a position table, a mask) belongs to a block when every reader
+    of it does (shared ones, like the causal mask, to none).
+
+    Args:
+        graph: the graph (or its GraphModule).
+
+    Returns:
+        node -> block index (0-based) or None, for every node of the graph.
+    """
+    if isinstance(graph, fx.GraphModule):
+        graph = graph.graph
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    out: dict[fx.Node, int | None] = dict.fromkeys(nodes)
+
+    def data_users(n: fx.Node) -> list[fx.Node]:
+        return [u for u in n.users if _carries_data(u)]
+
+    roots = [n for n in nodes if is_op(n, EMBEDDING)]
+    if not roots:
+        roots = [n for n in nodes if n.op == "placeholder" and _is_float_tensor(n)]
+    outputs = [n for n in nodes if n.op == "output"]
+    if not roots or not outputs:
+        return out
+    # the data-flow descendants of the roots that reach the output
+    down: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in down:
+            continue
+        down.add(n)
+        stack.extend(u for u in data_users(n) if u not in down)
+    live: set[fx.Node] = set()
+    stack = [o for o in outputs if o in down]
+    while stack:
+        n = stack.pop()
+        if n in live:
+            continue
+        live.add(n)
+        stack.extend(a for a in n.all_input_nodes if a in down and a not in live
+                     and _carries_data(n))
+    if not live:
+        return out
+    # immediate post-dominators over that sub-graph (a DAG: reverse topological order)
+    sink = object()
+    ipdom: dict[object, object] = {}
+
+    def intersect(a, b):
+        while a is not b:
+            if a is sink or b is sink:
+                return sink
+            if order[a] < order[b]:
+                a = ipdom[a]
+            else:
+                b = ipdom[b]
+        return a
+
+    for n in reversed(nodes):
+        if n not in live:
+            continue
+        succ = [u for u in data_users(n) if u in live]
+        if not succ:
+            ipdom[n] = sink
+            continue
+        d = succ[0]
+        for u in succ[1:]:
+            d = intersect(d, u)
+        ipdom[n] = d
+    start: object = roots[0] if roots[0] in live else sink
+    for r in roots[1:]:
+        if r in live:
+            start = r if start is sink else intersect(start, r)
+    chain = []
+    n = start
+    while n is not sink:
+        chain.append(n)
+        n = ipdom[n]
+    on_chain = {c: i for i, c in enumerate(chain)}
+    # region of a live node: the first stream node that post-dominates it
+    region: dict[fx.Node, int] = {}
+    for n in reversed(nodes):
+        if n not in live:
+            continue
+        if n in on_chain:
+            region[n] = on_chain[n]
+            continue
+        d = ipdom[n]
+        region[n] = region[d] if d is not sink else len(chain)
+    members: dict[int, list[fx.Node]] = {}
+    for n, r in region.items():
+        members.setdefault(r, []).append(n)
+    # a region is a branch when its end merges two stream-dependent operands with an add
+    branch = [i for i in range(1, len(chain))
+              if op_name(chain[i]) in _MERGE
+              and sum(1 for a in chain[i].all_input_nodes if a in live) >= 2]
+    if not branch:
+        return out
+    block = -1
+    block_of_region: dict[int, int] = {}
+    any_attention = any(op_name(m) in _ATTENTION for i in branch for m in members.get(i, ()))
+    for k, i in enumerate(branch):
+        has_attn = any(op_name(m) in _ATTENTION for m in members.get(i, ()))
+        if block < 0 or has_attn or not any_attention:
+            block += 1
+        block_of_region[i] = block
+        # transparent steps up to the next branch belong to this block
+        stop = branch[k + 1] if k + 1 < len(branch) else i + 1
+        for j in range(i + 1, stop):
+            block_of_region[j] = block
+    for n, r in region.items():
+        out[n] = block_of_region.get(r)
+    # nodes off the stream's data flow: the block of their readers, when they all agree
+    for n in reversed(nodes):
+        if n in live or n.op in ("placeholder", "output"):
+            continue
+        blocks = {out[u] for u in n.users}
+        if len(blocks) == 1:
+            out[n] = blocks.pop()
+    return out
+
+
+def _carries_data(node: fx.Node) -> bool:
+    """False for ops whose result does not depend on their inputs' values (shape queries)."""
+    if node.op == "output":
+        return True
+    return node.op == "call_function" and op_name(node) not in _SHAPE_ONLY
+
+
+def _is_float_tensor(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
 # ------------------------------------------------------------------------- node utilities

@@ -522,7 +522,8 @@ def quant_error(gm: fx.GraphModule, q: _QuantBefore, plan: list[dict[str, Any]],
         w = q.weights[p["old"]]
         pos = _WEIGHTED[p["op"]]
         row: dict[str, Any] = {"layer": p["module"], "op": p["op"], "weight": None,
-                               "output": None, "end_to_end": None}
+                               "output": None, "end_to_end": None,
+                               "block": ir.block_index(p["nodes"][0]) if p["nodes"] else None}
         try:
             parts = [_evaluate(gm, n.args[pos], {}, old, memo) for n in p["nodes"]]
             wq = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]

@@ -315,7 +315,7 @@ class StructuredPrune(Pass):
                   "residual": self.prune_hidden}
         if not wanted.get(g.kind, False):
             return None
-        block = _block_of(g)
+        block = _block_of(gm, g)
         if block is not None and block in self.skip_layers and g.kind != "residual":
             notes.append(f"{g.name}: skipped, block {block} is in skip_layers")
             return None
@@ -460,12 +460,15 @@ def _keep_top(d: GroupDecision, keep: int) -> None:
     d.removed = sorted(int(i) for i in order[keep:])
 
 
-def _block_of(g: ChannelGroup) -> int | None:
-    for m in g.members:
-        parts = m.site.split(".")
-        for i, p in enumerate(parts[:-1]):
-            if p in ("layers", "h", "layer", "blocks", "block") and parts[i + 1].isdigit():
-                return int(parts[i + 1])
+def _block_of(gm: fx.GraphModule, g: ChannelGroup) -> int | None:
+    """The decoder block of the ops using the group's parameters, from the graph's structure
+    (:func:`compiler.ir.block_index`; module names play no part)."""
+    ops = {m.op for m in g.members}
+    for n in gm.graph.nodes:
+        if n.name in ops:
+            b = ir.block_index(n)
+            if b is not None:
+                return b
     return None
 
 
