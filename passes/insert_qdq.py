@@ -54,12 +54,37 @@ Hyper-parameters:
     exclude (list[str], default none): fnmatch patterns of sites to leave float.
     quantize_lm_head (bool, default False): also quantize the linear producing the logits.
     quantize_embeddings (bool, default False): int8 per-row embedding tables.
+    act_range (str, default "mse"): how a static activation scale's range is chosen from the
+        calibration data: ``max`` the abs-max (the scheme as first published), ``percentile``
+        the ``percentile``-th percentile of ``|x|`` over every element, ``mse`` the clipping
+        value that minimizes the expected squared error of the int8 round trip (rounding noise
+        ``step^2 / 12`` inside the range, ``(|x| - c)^2`` outside), as TensorRT's and
+        ONNX Runtime's calibrators offer. Both read a ``log2 |x|`` histogram in 1/64-octave
+        bins (:mod:`compiler.stats`), so a range is resolved to within 1.1%.
+    percentile (float, default 99.99): the percentile for ``act_range="percentile"``, in
+        (0, 100].
+    keep_sensitive (int, default 0): number of activation tensors (all linears reading one
+        tensor count once) whose static quantization is the noisiest, relative to the tensor's
+        energy (``sum (x - DQ(Q(x)))^2 / sum x^2`` at the chosen range, from the histogram),
+        kept at higher precision as ``sensitive_mode`` says. The relative noise of every static
+        site is in the pass notes (the sensitivity report), highest first.
+    sensitive_mode (str, default "dynamic"): ``dynamic``: those tensors are quantized per
+        token at run time (int8 weights kept, so no size cost; the cost is computing a scale
+        per token); ``float``: their linears stay float entirely (weights fp32: 4x their int8
+        bytes).
+
+Range estimators (reference: a brute-force search over the real values agrees within the bin
+width, ``tests/passes/test_insert_qdq.py``). With ``mse``, a massive activation seen on a few
+tokens (the BOS token's, in LLMs) is clipped when clipping it costs less squared error than the
+coarser rounding of every other value; ``keep_sensitive`` is the answer for tensors where no
+single per-tensor range works.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -370,6 +395,89 @@ def activation_scale(absmax: float, spec: ActQuantSpec) -> float:
     return max(float(absmax), SCALE_EPS) / spec.qmax
 
 
+ACT_RANGES = ("max", "percentile", "mse")
+SENSITIVE_MODES = ("dynamic", "float")
+#: the mse search tries clipping values down to absmax / 2**_MSE_OCTAVES
+_MSE_OCTAVES = 12
+
+
+def _hist_values(hist: torch.Tensor, absmax: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+    """Non-empty bins of a ``log2 |x|`` histogram: (counts, representative |x|, upper edges).
+
+    A bin's value is its geometric centre, capped at the observed abs-max (the top bin holds it).
+    """
+    from compiler.stats import hist_bin_edges
+
+    edges = hist_bin_edges()
+    nz = torch.nonzero(hist > 0).flatten()
+    lo, hi = edges[nz], edges[nz + 1]
+    v = torch.sqrt(lo * hi).clamp(max=absmax)
+    v[nz == 0] = 0.0  # the first bin holds zeros and values below 2**HIST_LOG2_MIN
+    return hist[nz].to(torch.float64), v, hi.clamp(max=absmax)
+
+
+def quantization_noise(hist: torch.Tensor, absmax: float, clip: torch.Tensor | float,
+                       qmax: int = 127) -> torch.Tensor:
+    """Expected ``sum (x - DQ(Q(x)))^2`` over a tensor whose ``|x|`` histogram is ``hist``, for
+    symmetric int8 with range ``clip`` (a scalar or ``[K]`` candidates -> ``[K]``).
+
+    Inside the range a value rounds with error ``min(x^2, step^2 / 12)`` (values under half a
+    step round to 0); outside it is clipped, error ``(|x| - clip)^2``.
+    """
+    n, v, _ = _hist_values(hist, absmax)
+    c = torch.as_tensor(clip, dtype=torch.float64).reshape(-1, 1)
+    step = c / qmax
+    inside = torch.minimum(v[None, :] ** 2, step ** 2 / 12)
+    outside = (v[None, :] - c) ** 2
+    err = torch.where(v[None, :] <= c, inside, outside)
+    return (err * n[None, :]).sum(dim=1)
+
+
+def activation_range(hist: torch.Tensor | None, absmax: float, method: str, *,
+                     percentile: float = 99.99, qmax: int = 127) -> float:
+    """The range (clipping value) of a static symmetric activation scale.
+
+    Args:
+        hist: ``log2 |x|`` histogram (:mod:`compiler.stats`), needed unless ``method="max"``.
+        absmax: the calibration abs-max.
+        method: ``max`` | ``percentile`` | ``mse`` (see the module docstring).
+        percentile: in (0, 100], for ``percentile``.
+        qmax: the largest integer level (127 for int8).
+
+    Returns:
+        The range, in ``(0, absmax]``.
+    """
+    absmax = float(absmax)
+    if method == "max" or absmax <= 0:
+        return absmax
+    if hist is None:
+        raise PassError(f"insert_qdq: act_range={method!r} needs a histogram of the activation")
+    n, v, upper = _hist_values(hist, absmax)
+    if method == "percentile":
+        cum = torch.cumsum(n, 0)
+        k = int(torch.searchsorted(cum, cum[-1] * (percentile / 100.0)).clamp(max=len(n) - 1))
+        return float(upper[k])
+    if method != "mse":
+        raise ValueError(f"insert_qdq: unknown act_range {method!r}; known: {ACT_RANGES}")
+    from compiler.stats import HIST_BINS_PER_OCTAVE
+
+    # candidates: the upper edge of every bin from absmax down _MSE_OCTAVES octaves
+    k = torch.arange(_MSE_OCTAVES * HIST_BINS_PER_OCTAVE + 1, dtype=torch.float64)
+    cands = absmax * torch.exp2(-k / HIST_BINS_PER_OCTAVE)
+    err = quantization_noise(hist, absmax, cands, qmax)
+    return float(cands[int(torch.argmin(err))])
+
+
+def relative_noise(hist: torch.Tensor, absmax: float, clip: float, qmax: int = 127) -> float:
+    """``sum (x - DQ(Q(x)))^2 / sum x^2`` of the int8 round trip at range ``clip``."""
+    n, v, _ = _hist_values(hist, absmax)
+    energy = float((n * v ** 2).sum())
+    if energy <= 0:
+        return 0.0
+    return float(quantization_noise(hist, absmax, clip, qmax)[0]) / energy
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -390,8 +498,30 @@ class InsertQDQ(Pass):
         exclude: Sequence[str] | str = (),
         quantize_lm_head: bool = False,
         quantize_embeddings: bool = False,
+        act_range: str = "mse",
+        percentile: float = 99.99,
+        keep_sensitive: int = 0,
+        sensitive_mode: str = "dynamic",
     ):
         self._spec = resolve_scheme(scheme, group_size=group_size, symmetric=symmetric)
+        if act_range not in ACT_RANGES:
+            raise ValueError(f"insert_qdq: unknown act_range {act_range!r}; known: "
+                             f"{', '.join(ACT_RANGES)}")
+        if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) \
+                or not 0.0 < float(percentile) <= 100.0:
+            raise ValueError(f"insert_qdq: percentile must be a number in (0, 100], got "
+                             f"{percentile!r}")
+        if isinstance(keep_sensitive, bool) or not isinstance(keep_sensitive, int) \
+                or keep_sensitive < 0:
+            raise ValueError(f"insert_qdq: keep_sensitive must be an int >= 0 (number of "
+                             f"activation tensors), got {keep_sensitive!r}")
+        if sensitive_mode not in SENSITIVE_MODES:
+            raise ValueError(f"insert_qdq: unknown sensitive_mode {sensitive_mode!r}; known: "
+                             f"{', '.join(SENSITIVE_MODES)}")
+        self.act_range = act_range
+        self.percentile = float(percentile)
+        self.keep_sensitive = keep_sensitive
+        self.sensitive_mode = sensitive_mode
         for opt, val in (("quantize_lm_head", quantize_lm_head),
                          ("quantize_embeddings", quantize_embeddings)):
             if not isinstance(val, bool):
@@ -423,7 +553,9 @@ class InsertQDQ(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, sites_quantized=0)
         check_annotations(gm, todo)
-        scales = self._activation_scales(gm, ctx, todo)
+        scales, report = self._activation_scales(gm, ctx, todo)
+        notes += report
+        todo = [a for a in todo if a.quantized]  # sensitive sites kept float are skipped now
         bytes_before = ir.param_bytes(gm)
 
         # mutate
@@ -434,6 +566,9 @@ class InsertQDQ(Pass):
         gm.recompile()
         stats["param_bytes_before"] = bytes_before
         stats["param_bytes_after"] = ir.param_bytes(gm)
+        if self._spec.activation is not None and self._spec.activation.mode == "static":
+            stats["act_range"] = self.act_range
+            stats["kept_sensitive"] = getattr(self, "_kept", 0)
         log.info(
             "insert_qdq(%s): %d linears, %d embeddings quantized; params %d -> %d bytes",
             self.scheme, stats["linears_quantized"], stats["embeddings_quantized"],
@@ -441,19 +576,59 @@ class InsertQDQ(Pass):
         )
         return PassResult(gm, True, frozenset(), stats, notes)
 
-    def _activation_scales(self, gm, ctx: PassContext, todo) -> dict[str, float]:
+    def _activation_scales(self, gm, ctx: PassContext, todo
+                           ) -> tuple[dict[str, float], list[str]]:
+        """Static scales per ``:in`` site, and the sensitivity report (one note per tensor).
+
+        Sites in the ``keep_sensitive`` noisiest tensors are switched, in ``todo``, to dynamic
+        activations or to float (``skip`` set)."""
         static = [a for a in todo if a.activation is not None and a.activation.mode == "static"]
+        self._kept = 0
         if not static:
-            return {}
+            return {}, []
         ctx.require_calibration(f"insert_qdq(scheme={self.scheme}) (static activation scales)")
         from compiler.stats import ActivationStats
 
-        table = ctx.analysis(ActivationStats, gm, sites=frozenset(a.input_site for a in static),
-                             covariance=frozenset())
-        return {
-            a.input_site: activation_scale(float(table[a.input_site].absmax.max()), a.activation)
-            for a in static
-        }
+        sites = frozenset(a.input_site for a in static)
+        table = ctx.analysis(ActivationStats, gm, sites=sites, covariance=frozenset(),
+                             histogram=sites)
+        # one decision per activation tensor (q/k/v read one tensor)
+        by_tensor: dict[str, list[QuantAnnotation]] = {}
+        for a in static:
+            by_tensor.setdefault(table.tensor_of(a.input_site), []).append(a)
+        rows = []  # (relative noise, tensor, clip, absmax)
+        for t, anns in by_tensor.items():
+            st = table[anns[0].input_site]
+            absmax = float(st.absmax.max())
+            clip = activation_range(st.hist, absmax, self.act_range, percentile=self.percentile,
+                                    qmax=anns[0].activation.qmax)
+            rel = relative_noise(st.hist, absmax, clip, anns[0].activation.qmax) \
+                if st.hist is not None and absmax > 0 else 0.0
+            rows.append((rel, t, clip, absmax))
+        rows.sort(key=lambda r: -r[0])
+        keep = {t for _, t, _, _ in rows[: self.keep_sensitive]}
+        self._kept = len(keep)
+        scales, report = {}, []
+        for rank, (rel, t, clip, absmax) in enumerate(rows, 1):
+            anns = by_tensor[t]
+            db = 10 * math.log10(rel) if rel > 0 else float("-inf")
+            line = (f"{anns[0].input_site}: static int8 range {clip:.4g} ({self.act_range}; "
+                    f"abs-max {absmax:.4g}), relative noise {db:.1f} dB, sensitivity #{rank}")
+            if len(anns) > 1:
+                line += f" (shared by {len(anns)} linears)"
+            if t in keep:
+                for a in anns:
+                    if self.sensitive_mode == "dynamic":
+                        a.activation = ActQuantSpec("dynamic")
+                    else:
+                        a.skip = "kept float: among the keep_sensitive noisiest activations"
+                        a.weight = a.activation = None
+                line += f"; kept {self.sensitive_mode} (keep_sensitive={self.keep_sensitive})"
+            else:
+                for a in anns:
+                    scales[a.input_site] = activation_scale(clip, a.activation)
+            report.append(line)
+        return scales, report
 
 
 def _patterns(value, what: str) -> tuple[str, ...]:
@@ -466,7 +641,8 @@ def _patterns(value, what: str) -> tuple[str, ...]:
 
 
 def insert_qdq(
-    gm: fx.GraphModule, annotations: Sequence[QuantAnnotation], act_scales: dict[str, float]
+    gm: fx.GraphModule, annotations: Sequence[QuantAnnotation], act_scales: dict[str, float],
+    weight_qparams: dict[str, tuple] | None = None,
 ) -> dict[str, int]:
     """Rewrite the annotated sites in place (no validation: call :func:`check_annotations`).
 
@@ -474,6 +650,8 @@ def insert_qdq(
         gm: the graph.
         annotations: quantized annotations (skipped ones are ignored).
         act_scales: ``<site>:in`` -> static activation scale, for static activation specs.
+        weight_qparams: site -> precomputed ``(W_q, scale[, zero_point])`` in the form the
+            quantize functions return (GPTQ's rounding), instead of rounding the weight here.
 
     Returns:
         Counters: linears/embeddings quantized, int8/int4 weights, activation Q/DQ inserted.
@@ -490,7 +668,8 @@ def insert_qdq(
         w_node = n.args[w_arg]
         key = (str(w_node.target), a.weight)
         if key not in weight_dq:
-            weight_dq[key] = _dequantized_weight(gm, w_node, a.weight, before=n, site=a.site)
+            weight_dq[key] = _dequantized_weight(gm, w_node, a.weight, before=n, site=a.site,
+                                                 qparams=(weight_qparams or {}).get(a.site))
             stats["weights_int4" if a.weight.bits == 4 else "weights_int8"] += 1
         n.replace_input_with(w_node, weight_dq[key])
         if a.kind == "embedding":
@@ -512,19 +691,20 @@ def insert_qdq(
 
 
 def _dequantized_weight(gm, w_node: fx.Node, spec: WeightQuantSpec, *, before: fx.Node,
-                        site: str) -> fx.Node:
-    """Add the integer weight and its qparams as parameters; return the dequantize node."""
+                        site: str, qparams: tuple | None = None) -> fx.Node:
+    """Add the integer weight and its qparams (``qparams``, or rounded here) as parameters;
+    return the dequantize node."""
     w = ir.get_param(gm, w_node)
     base = str(w_node.target)
     g = gm.graph
     if spec.group_size is None:
-        q, scale = quantize_weight_per_channel(w, spec)
+        q, scale = quantize_weight_per_channel(w, spec) if qparams is None else qparams[:2]
         qn = ir.add_param(gm, f"{base}_int8", q, before=before)
         sn = ir.add_param(gm, f"{base}_scale", scale, before=before)
         args = (qn, sn, None, 0, spec.qmin, spec.qmax, torch.int8)
         target = qd.dequantize_per_channel.default
     else:
-        q, scale, zp = quantize_weight_per_group(w, spec)
+        q, scale, zp = quantize_weight_per_group(w, spec) if qparams is None else qparams
         qn = ir.add_param(gm, f"{base}_int4", q, before=before)
         sn = ir.add_param(gm, f"{base}_scale", scale, before=before)
         zn = ir.add_param(gm, f"{base}_zero_point", zp, before=before) if zp is not None else None
@@ -590,12 +770,15 @@ def _set_meta(node: fx.Node, src: fx.Node, val) -> None:
 
 
 __all__ = [
+    "ACT_RANGES",
     "SCHEMES",
+    "SENSITIVE_MODES",
     "ActQuantSpec",
     "InsertQDQ",
     "QuantAnnotation",
     "SchemeSpec",
     "WeightQuantSpec",
+    "activation_range",
     "activation_scale",
     "annotate",
     "annotate_linears",
@@ -604,6 +787,8 @@ __all__ = [
     "is_dequantized",
     "is_lm_head",
     "quantize_weight_per_channel",
+    "quantization_noise",
     "quantize_weight_per_group",
+    "relative_noise",
     "resolve_scheme",
 ]
