@@ -13,6 +13,18 @@ Identities relied on:
 - A norm's gain and bias fold into the linears that read it:
   ``W (n * g + beta) + c = (W diag(g)) n + (W beta + c)``.
 
+- A norm between a writer and the residual add (OLMo2's and Gemma2's post-norms) keeps its gain
+  only if something other than the stream can absorb the rotation: a new linear with weight
+  ``I`` is inserted after it, ``post_norm(x) = linear(post_norm(x), I)``, and becomes the
+  stream's writer (SliceGPT folds ``Q^T`` into it, as the paper's shortcut matrices carry a
+  rotation the stream itself cannot); the norm then sits off the stream. Cost: ``d^2``
+  parameters per post-norm.
+- A norm reading an embedding directly (Bloom's ``word_embeddings_layernorm``) is a function of
+  the token id only: ``norm(E[ids]) = norm(E)[ids]``, so it folds into a private copy of the
+  table (computed in float64).
+- A multiply of the stream by a scalar (Gemma's ``sqrt(d)`` embedding scale) commutes with any
+  ``Q``: it is a shape-only op for this pass.
+
 After the rewrite every residual norm is ``aten.rms_norm(x, [d], None, eps)``: it commutes with
 any orthogonal ``Q`` on the channel dim (``rms_norm(x Q) = rms_norm(x) Q``), which is what
 :mod:`passes.slicegpt` needs.
@@ -23,10 +35,9 @@ Sites rewritten: the residual stream found by the channel dependency graph (grou
 linears reading each norm (through shape-only ops such as ``view``). Tied embeddings are untied
 first (the lm_head's columns absorb the final norm's gain; the table must not).
 
-Skips: nothing silently. A norm whose output reaches anything but linears (through shape-only
-ops), a residual stream mixing ``layer_norm`` and ``rms_norm``, or an op on the stream this pass
-does not understand raises :class:`~compiler.errors.PassError` naming the node, before anything
-is mutated.
+Skips: nothing silently. A residual stream mixing ``layer_norm`` and ``rms_norm``, or an op on
+the stream this pass does not understand raises :class:`~compiler.errors.PassError` naming the
+node, before anything is mutated.
 
 Preconditions: ``canonical`` (one norm node per norm, GPT-2's Conv1D as linear). Exact.
 Establishes ``rotation_invariant``. A second run reports ``modified=False``.
@@ -95,6 +106,23 @@ class ResidualStream:
     def readers_of(self, norm: fx.Node) -> list[fx.Node]:
         s = self.stream[norm]
         return [r for r in self.readers if self.stream.get(r.args[0]) == s]
+
+
+_SCALAR_OPS = frozenset({aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar})
+
+
+def is_scalar_multiply(n: fx.Node, stream: dict[fx.Node, int]) -> bool:
+    """True if ``n`` is ``x * c`` or ``x / c`` with ``x = n.args[0]`` and ``c`` one number
+    (a python scalar or a one-element tensor off the stream): it commutes with any linear map
+    on the channel dim."""
+    if n.op != "call_function" or n.target not in _SCALAR_OPS or len(n.args) != 2 or n.kwargs:
+        return False
+    c = n.args[1]
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return True
+    v = c.meta.get("val") if isinstance(c, fx.Node) else None
+    return (isinstance(v, torch.Tensor) and c not in stream and v.numel() == 1
+            and all(isinstance(s, int) for s in v.shape))
 
 
 def residual_group(gm: fx.GraphModule) -> ChannelGroup:
@@ -181,7 +209,8 @@ def residual_stream(gm: fx.GraphModule, group: ChannelGroup | None = None) -> Re
                 isinstance(a, fx.Node) and a in rs.stream for a in n.args[:2]) and not n.kwargs:
             rs.adds.append(n)
             new_stream(n)
-        elif n.op == "call_function" and n.target in PASS_THROUGH and n.args[0] in rs.stream:
+        elif (n.op == "call_function" and n.args and n.args[0] in rs.stream
+              and (n.target in PASS_THROUGH or is_scalar_multiply(n, rs.stream))):
             rs.passes.append(n)
             rs.stream[n] = rs.stream[n.args[0]]
         else:
@@ -211,6 +240,18 @@ def _stream_users_ok(rs: ResidualStream, norm: fx.Node) -> str:
     return ""
 
 
+def _off_stream_user(rs: ResidualStream, norm: fx.Node) -> str:
+    """'' if the norm's output reaches only linears and residual-stream ops (adds, norms)."""
+    s = rs.stream[norm]
+    readers = set(rs.readers_of(norm))
+    for n in [n for n, sid in rs.stream.items() if sid == s]:
+        for u in n.users:
+            if (u in readers and u.args[0] is n and u.args[1] is not n) or u in rs.stream:
+                continue
+            return f"{u.name} ({ir.op_name(u)})"
+    return ""
+
+
 class RotationInvariant(Pass):
     """LayerNorm -> RMSNorm (mean folded into the writers), norm gains/biases into the readers."""
 
@@ -234,7 +275,8 @@ class RotationInvariant(Pass):
 def is_rotation_invariant(gm: fx.GraphModule) -> bool:
     """True if every norm on the residual stream is a gain-free ``rms_norm``."""
     rs = residual_stream(gm)
-    return all(ir.is_op(n, ir.RMS_NORM) and _norm_params(n)[0] is None for n in rs.norms)
+    return all(ir.is_op(n, ir.RMS_NORM) and _norm_params(n)[0] is None
+               and not _stream_users_ok(rs, n) for n in rs.norms)
 
 
 def _norm_params(n: fx.Node) -> tuple[fx.Node | None, fx.Node | None, float | None]:
@@ -265,16 +307,40 @@ def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = Non
         PassError: the stream mixes norm kinds, or a norm feeds something other than linears.
     """
     stats = {"embeddings_untied": 0, "writers_centred": 0, "layer_norms_to_rms": 0,
-             "gains_folded": 0, "biases_folded": 0}
+             "gains_folded": 0, "biases_folded": 0, "embedding_norms_folded": 0,
+             "post_norm_writers": 0}
     rs = residual_stream(gm)
+    # decide: norms whose output stays on the stream (read by an add or another norm)
+    blocked = [n for n in rs.norms if _stream_users_ok(rs, n)]
+    emb_norms = [n for n in blocked if _embedding_of(n) is not None]
+    post_norms = [n for n in blocked if n not in emb_norms]
+    for n in blocked:
+        bad = _off_stream_user(rs, n)
+        if bad:
+            raise PassError(f"norm {n.name} at {ir.site(n)} feeds {bad}, which is neither a "
+                            "linear nor the residual stream; its output cannot be rotated")
+        g, b, _ = _norm_params(n)
+        if any(p is not None and ir.param_node(p) is None for p in (g, b)):
+            raise PassError(f"norm {n.name} at {ir.site(n)}: gain or bias is not a parameter")
+    _check_norm_kinds([n for n in rs.norms if n not in blocked])
+    # mutate
+    for n in emb_norms:
+        fold_norm_into_embedding(gm, n)
+        stats["embedding_norms_folded"] += 1
+    for n in post_norms:
+        insert_stream_writer(gm, n)
+        stats["post_norm_writers"] += 1
+    if blocked:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        rs = residual_stream(gm)
     todo = [n for n in rs.norms if ir.is_op(n, ir.LAYER_NORM) or _norm_params(n)[0] is not None]
     if not todo:
+        if blocked:
+            _finish(gm, probe)
         return stats
     # decide
-    kinds = {ir.op_name(n) for n in rs.norms}
-    if len(kinds) > 1:
-        raise PassError(f"residual stream mixes {sorted(kinds)}; centring the writers for the "
-                        "layer_norms would change the rms_norms")
+    kinds = _check_norm_kinds(rs.norms)
     for n in todo:
         bad = _stream_users_ok(rs, n)
         if bad:
@@ -331,17 +397,85 @@ def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = Non
         gm.graph.erase_node(n)
         if ir.is_op(n, ir.LAYER_NORM):
             stats["layer_norms_to_rms"] += 1
+    _finish(gm, probe)
+    return stats
+
+
+def _check_norm_kinds(norms: list[fx.Node]) -> set[str]:
+    kinds = {ir.op_name(n) for n in norms}
+    if len(kinds) > 1:
+        raise PassError(f"residual stream mixes {sorted(kinds)}; centring the writers for the "
+                        "layer_norms would change the rms_norms")
+    return kinds
+
+
+def _finish(gm: fx.GraphModule, probe: torch.Tensor | None) -> None:
     gm.graph.eliminate_dead_code()
     ir.remove_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, probe if probe is not None else torch.zeros(2, 8, dtype=torch.long))
-    return stats
+
+
+def _embedding_of(norm: fx.Node) -> fx.Node | None:
+    """The embedding node ``norm`` reads directly (and alone), else None."""
+    x = norm.args[0]
+    if isinstance(x, fx.Node) and ir.is_op(x, ir.EMBEDDING) and len(x.users) == 1 \
+            and ir.param_node(x.args[0]) is not None:
+        return x
+    return None
+
+
+def fold_norm_into_embedding(gm: fx.GraphModule, norm: fx.Node) -> None:
+    """``norm(E[ids]) = norm(E)[ids]``: give the embedding a private, normalised table."""
+    emb = _embedding_of(norm)
+    table = emb.args[0]
+    t = ir.get_param(gm, table)
+    g, b, eps = _norm_params(norm)
+    gain = None if g is None else ir.get_param(gm, g).double()
+    bias = None if b is None else ir.get_param(gm, b).double()
+    t64 = t.double()
+    if ir.is_op(norm, ir.LAYER_NORM):
+        eps = 1e-5 if eps is None else eps
+        normed = torch.nn.functional.layer_norm(t64, [t64.shape[-1]], gain, bias, eps)
+    else:
+        eps = torch.finfo(t.dtype).eps if eps is None else eps
+        normed = torch.nn.functional.rms_norm(t64, [t64.shape[-1]], gain, eps)
+    path = ir.module_path(emb) or "embedding"
+    new_table = ir.add_param(gm, f"{path}.weight_normed", normed.to(t.dtype), before=emb)
+    emb.replace_input_with(table, new_table)
+    norm.replace_all_uses_with(emb)
+    gm.graph.erase_node(norm)
+
+
+def insert_stream_writer(gm: fx.GraphModule, norm: fx.Node) -> fx.Node:
+    """Route every use of ``norm`` through a new ``linear(norm, I)`` (the stream's writer)."""
+    d = norm.meta["val"].shape[-1]
+    dtype = norm.meta["val"].dtype
+    path = ir.module_path(norm) or norm.name
+    users = list(norm.users)
+    after = norm.next
+    w = ir.add_param(gm, f"{path}.stream_writer", torch.eye(d, dtype=dtype), before=after)
+    with gm.graph.inserting_after(w):
+        lin = gm.graph.call_function(ir.LINEAR, (norm, w))
+    ir.copy_meta(norm, lin, created_by="rotation_invariant")
+    stack = dict(norm.meta.get("nn_module_stack") or {})
+    if stack:
+        # its own site (``...post_attention_layernorm.stream_writer``), not the norm's
+        key, (mpath, _typ) = list(stack.items())[-1]
+        stack[f"{key}.stream_writer"] = (f"{mpath}.stream_writer", "torch.nn.Linear")
+        lin.meta["nn_module_stack"] = stack
+    for u in users:
+        u.replace_input_with(norm, lin)
+    return lin
 
 
 __all__ = [
     "ResidualStream",
     "RotationInvariant",
+    "fold_norm_into_embedding",
+    "insert_stream_writer",
+    "is_scalar_multiply",
     "is_rotation_invariant",
     "make_rotation_invariant",
     "residual_group",
