@@ -6,9 +6,11 @@
     fxcompress generate ARTIFACT_OR_GENAI_FOLDER --prompt "Once upon a time" [--onnx]
     fxcompress compile MODEL --recipe recipe.yaml -o out/model
     fxcompress eval MODEL_OR_ARTIFACT_OR_ONNX --data tinystories --windows 256
-    fxcompress inspect MODEL_OR_ARTIFACT [--params] [--diff]
+    fxcompress inspect MODEL_OR_ARTIFACT [--params]   # an artifact also shows the per-pass diff
     fxcompress report ARTIFACT [-o report.html]        # self-contained HTML compile report
-    fxcompress passes
+    fxcompress passes                                  # every pass with its options and defaults
+
+``-q``/``-v`` go before or after the subcommand. ``python -m fxcompress`` is the same program.
 
 MODEL is a local Hugging Face folder, a config.json, ``tiny-<family>`` (random init), a saved
 compiled artifact (a folder with manifest.json) or, for ``eval``, an ``.onnx`` file.
@@ -68,8 +70,17 @@ def cmd_compile(args) -> int:
 
     passes = _parse_passes(args)
     calibration = args.calib
+    root = None
+    if args.data_dir is not None:
+        from compiler import data
+
+        root = data.require_data_dir(args.data_dir)
+        if calibration:
+            calibration = data.calibration_from_spec(calibration,
+                                                     _tokenizer_folder(args.model, "--calib"),
+                                                     data_dir=root)
     t0 = time.perf_counter()
-    instruments = [_perplexity_instrument(args.ppl, args.model)] if args.ppl else []
+    instruments = [_perplexity_instrument(args.ppl, args.model, root)] if args.ppl else []
     cm = compiler.compile(
         args.model, passes, calibration=calibration, skip=_parse_skip(args.skip),
         dump_dir=args.dump_ir, progress=not args.quiet, instruments=instruments,
@@ -94,10 +105,18 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _perplexity_instrument(spec: str, model: str):
+def _tokenizer_folder(model: str, option: str) -> Path:
+    from compiler.frontend import tokenizer_dir_of
+
+    tok = tokenizer_dir_of(model) if Path(model).is_dir() else None
+    if tok is None:
+        raise FxCompressError(f"{option} needs a model folder with a tokenizer; {model!r} has none")
+    return tok
+
+
+def _perplexity_instrument(spec: str, model: str, data_dir: Path | None = None):
     """``--ppl tinystories[:N]``: perplexity before/after every pass on N windows of 256."""
     from compiler import data
-    from compiler.frontend import tokenizer_dir_of
     from compiler.report_capture import PassPerplexity
 
     name, _, n = spec.partition(":")
@@ -105,10 +124,8 @@ def _perplexity_instrument(spec: str, model: str):
         windows = int(n) if n else 16
     except ValueError as e:
         raise FxCompressError(f"--ppl takes DATA[:WINDOWS], e.g. tinystories:16; got {spec!r}") from e
-    tok = tokenizer_dir_of(model) if Path(model).is_dir() else None
-    if tok is None:
-        raise FxCompressError(f"--ppl needs a model folder with a tokenizer; {model!r} has none")
-    ids = data.evaluation_windows(name, tok, n_windows=windows, window=256)
+    tok = _tokenizer_folder(model, "--ppl")
+    ids = data.evaluation_windows(name, tok, n_windows=windows, window=256, data_dir=data_dir)
     return PassPerplexity(ids, f"{name}, {ids.shape[0]} windows x {ids.shape[1]} tokens")
 
 
@@ -318,8 +335,73 @@ def cmd_passes(args) -> int:
     for name, cls in registered().items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         kind = "exact" if cls.exact else "lossy"
-        print(f"{name:<20} {kind:<6} {doc}")
+        req = getattr(cls, "requires", frozenset())  # a property where options decide it
+        needs = " (needs calibration)" if isinstance(req, frozenset) and "calibrated" in req else ""
+        print(f"{name:<20} {kind:<6} {doc}{needs}")
+        options = pass_options(cls)
+        if not options:
+            print(f"{'':<4}(no options)")
+        for opt, default, help_text in options:
+            spec = f"{opt}={default}"
+            print(f"{'':<4}{spec:<28} {help_text}".rstrip())
+    print('\noptions go in parentheses: --passes "smoothquant(alpha=0.6), '
+          'insert_qdq(scheme=w8a8)"')
     return 0
+
+
+def pass_options(cls) -> list[tuple[str, str, str]]:
+    """(option, default as written in a pass spec, first sentence of its description) for each
+    keyword of the pass class's ``__init__``; the description comes from the option's entry
+    ``name (type, default ...): text`` in the pass module's docstring ('' when it has none)."""
+    import inspect
+
+    described = _option_docs(sys.modules[cls.__module__].__doc__ or "")
+    rows = []
+    for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = "REQUIRED" if p.default is p.empty else _spec_value(p.default)
+        rows.append((p.name, default, described.get(p.name, "")))
+    return rows
+
+
+def _spec_value(value) -> str:
+    """A default as a pass spec writes it (``true``, ``none``, ``[1, 2]``)."""
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return str(list(value))
+    return str(value)
+
+
+def _option_docs(doc: str) -> dict[str, str]:
+    """``name (type, default x): text`` entries of a docstring -> first sentence of the text."""
+    import re
+
+    entry = re.compile(r"^(\s*)((?:[a-z_][a-z0-9_]* \([^)]*\)(?:, )?)+):\s*(.*)$")
+    out: dict[str, str] = {}
+    lines = doc.splitlines()
+    i = 0
+    while i < len(lines):
+        m = entry.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, names, text = len(m.group(1)), m.group(2), [m.group(3)]
+        i += 1
+        while i < len(lines) and lines[i].strip() and not entry.match(lines[i]) and \
+                len(lines[i]) - len(lines[i].lstrip()) > indent:
+            text.append(lines[i].strip())
+            i += 1
+        joined = " ".join(text).replace("``", "").replace("e.g. ", "e.g.\0").replace("i.e. ", "i.e.\0")
+        sentence = re.split(r"(?<=[.;])\s", joined, maxsplit=1)[0]
+        head, colon, _ = sentence.partition(": ")
+        if colon and len(sentence) > 100 and len(head) >= 25:
+            sentence = head  # "how the range is chosen: <the choices>" -> the first clause
+        sentence = sentence.replace("\0", " ").rstrip(";:")
+        for name in re.findall(r"([a-z_][a-z0-9_]*) \(", names):
+            out.setdefault(name, sentence)
+    return out
 
 
 def cmd_demo(args) -> int:
@@ -332,7 +414,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxcompress", description="Compile and compress causal LMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="log each pass and site")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    # the same flags after the subcommand; SUPPRESS keeps a flag given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log each pass and site")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+
+    def add_parser(name, **kw):
+        return _add_parser(name, parents=[common], **kw)
+
+    sub.add_parser = add_parser
 
     c = sub.add_parser("compile", help="trace MODEL, run passes, save the compiled artifact")
     c.add_argument("model")
@@ -349,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ppl", metavar="DATA[:N]",
                    help="perplexity before/after every pass on N windows of 256 tokens "
                         "(e.g. tinystories:16), shown in the report")
+    c.add_argument("--data-dir", help="data folder for --calib and --ppl "
+                                      "(default: $FXCOMPRESS_DATA or ../shared/data)")
     c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("eval", help="perplexity of a model, compiled artifact or ONNX file")
@@ -390,11 +486,14 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("-o", "--output", help="HTML file (default ARTIFACT/report.html)")
     rp.set_defaults(func=cmd_report)
 
-    ps = sub.add_parser("passes", help="list the registered passes")
+    ps = sub.add_parser("passes", help="list the registered passes with their options and "
+                                       "defaults")
     ps.set_defaults(func=cmd_passes)
 
     d = sub.add_parser("demo", help="the main job: compile stories260K, export ONNX, run ORT, eval")
-    d.add_argument("--data-dir", help="data folder (default: $FXCOMPRESS_DATA or ../shared/data)")
+    d.add_argument("--data-dir", help="data folder holding stories260K/hf (default: "
+                                      "$FXCOMPRESS_DATA or ../shared/data; a folder given here "
+                                      "or in $FXCOMPRESS_DATA must exist and hold it)")
     d.add_argument("-o", "--output", default="out/demo", help="output folder (default out/demo)")
     d.set_defaults(func=cmd_demo)
     return p

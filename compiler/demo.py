@@ -3,8 +3,10 @@
 Compiles the real ``stories260K`` model from the shared data twice, as fp32 (canonicalized) and
 as W8A8 with SmoothQuant (calibrated on the TinyStories calibration half), prints each per-pass
 report, exports both to ONNX, runs them in ONNX Runtime, checks parity, and reports TinyStories
-perplexity for the original model, the compiled graphs and the ORT sessions. When the shared data
-is absent it compiles a random-init tiny Llama instead (fp32 only, no perplexity) and says so.
+perplexity for the original model, the compiled graphs and the ORT sessions. When no data folder
+was asked for and the default one (``../shared/data``) is absent it compiles a random-init tiny
+Llama instead (fp32 only, no perplexity) and says so; a folder that was asked for
+(``--data-dir``, ``$FXCOMPRESS_DATA``) but does not exist or lacks stories260K is an error.
 Each compiled model also gets its KV-cache export in the ONNX Runtime GenAI layout, which
 generates a short story there (onnxruntime-genai's loop when installed, else ONNX Runtime with
 ours) and must give the same greedy tokens as the compiled graph's own ``generate``.
@@ -32,17 +34,18 @@ def run_demo(data_dir: str | None = None, out: str | Path = "out/demo", quiet: b
     from compiler import data, evaluate
 
     out = Path(out)
-    root = data.data_dir(data_dir)
-    stories = root / "stories260K" / "hf" if root else None
-    if stories is not None and (stories / "config.json").is_file():
+    stories = demo_model_dir(data_dir)
+    if stories is not None:
         model_spec: str | Path = stories
         pipelines = DEMO_PIPELINES
         print(f"model: stories260K from {stories}")
     else:
         model_spec = "tiny-llama"
         pipelines = DEMO_PIPELINES[:1]
-        print("shared data not found (set FXCOMPRESS_DATA or place it at ../shared/data): "
-              "using a random-init tiny Llama instead; calibration and perplexity are skipped")
+        looked = ", ".join(str(p) for p in data._default_candidates())
+        print(f"shared data not found (looked in {looked}; set FXCOMPRESS_DATA or pass "
+              "--data-dir to use it): using a random-init tiny Llama instead; calibration, "
+              "W8A8 and perplexity are skipped")
     model = compiler.load_model(model_spec)
     windows = None
     if isinstance(model_spec, Path):
@@ -93,6 +96,42 @@ def run_demo(data_dir: str | None = None, out: str | Path = "out/demo", quiet: b
                   f"{size / 1e6:8.2f}  {'ok' if agree else 'DISAGREE'}")
     print(f"\n{'ok' if ok else 'FAILED'}: outputs in {out}/")
     return 0 if ok else 1
+
+
+def demo_model_dir(data_dir: str | Path | None = None) -> Path | None:
+    """The stories260K folder the demo compiles, or None to fall back to a random tiny Llama.
+
+    The fall-back is taken only when no folder was asked for (no ``data_dir``, no
+    ``$FXCOMPRESS_DATA``) and the default place (``../shared/data``) does not exist.
+
+    Raises:
+        DataError: a folder that was asked for (``data_dir`` or ``$FXCOMPRESS_DATA``) does not
+            exist, or the data folder found does not hold ``stories260K/hf/config.json``.
+    """
+    import os
+
+    from compiler import data
+    from compiler.errors import DataError
+
+    if data_dir is not None:
+        given = f"--data-dir {data_dir}"
+        root = Path(data_dir).expanduser()
+    elif os.environ.get(data.ENV_DATA):
+        given = f"${data.ENV_DATA}={os.environ[data.ENV_DATA]}"
+        root = Path(os.environ[data.ENV_DATA]).expanduser()
+    else:
+        given, root = "", data.data_dir()
+        if root is None:
+            return None
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist (from {given}); point it at the "
+                        "shared data folder, which holds stories260K/hf and tinystories/")
+    stories = root / data.STORIES260K
+    if not (stories / "config.json").is_file():
+        raise DataError(f"data folder {root}{f' (from {given})' if given else ''} has no "
+                        f"{data.STORIES260K}/config.json, the model the demo compiles; is it "
+                        "the shared data folder?")
+    return stories
 
 
 def _generate(cm, folder: Path, prompt: str = "Once upon a time", new_tokens: int = 32) -> bool:

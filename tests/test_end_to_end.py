@@ -37,9 +37,37 @@ def test_demo_runs_end_to_end_on_stories260k(tmp_path, capsys):
 
 
 def test_demo_falls_back_to_a_tiny_model_without_data(tmp_path, capsys, monkeypatch):
+    """Only when no folder was asked for and the default place does not exist."""
     from compiler.demo import run_demo
 
-    monkeypatch.setenv("FXCOMPRESS_DATA", str(tmp_path / "no-data-here"))
-    assert run_demo(data_dir=str(tmp_path / "no-data-here"), out=tmp_path / "demo", quiet=True) == 0
+    monkeypatch.delenv("FXCOMPRESS_DATA", raising=False)
+    monkeypatch.setattr(data, "_default_candidates", lambda: [tmp_path / "no-data-here"])
+    assert run_demo(out=tmp_path / "demo", quiet=True) == 0
     printed = capsys.readouterr().out
     assert "shared data not found" in printed and "perplexity are skipped" in printed
+    assert str(tmp_path / "no-data-here") in printed
+
+
+@pytest.mark.parametrize("how", ["--data-dir", "FXCOMPRESS_DATA"])
+def test_demo_with_a_mistyped_data_folder_is_an_error(tmp_path, capsys, monkeypatch, how):
+    from compiler.cli import main
+
+    typo = tmp_path / "shared" / "dta"
+    args = ["demo", "-o", str(tmp_path / "demo")]
+    if how == "--data-dir":
+        args += ["--data-dir", str(typo)]
+    else:
+        monkeypatch.setenv("FXCOMPRESS_DATA", str(typo))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"data folder {typo} does not exist" in err and how in err
+    assert not (tmp_path / "demo").exists()
+
+
+def test_demo_with_a_data_folder_without_stories260k_is_an_error(tmp_path, capsys, monkeypatch):
+    from compiler.cli import main
+
+    monkeypatch.delenv("FXCOMPRESS_DATA", raising=False)
+    (tmp_path / "data" / "tinystories").mkdir(parents=True)
+    assert main(["demo", "-q", "--data-dir", str(tmp_path / "data"), "-o", str(tmp_path / "d")]) == 2
+    assert "has no stories260K/hf/config.json" in capsys.readouterr().err
