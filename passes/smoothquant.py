@@ -7,6 +7,8 @@ division by ``s`` is folded into whatever *produces* ``X`` (so no runtime scale 
 the multiplication into the columns of every linear that *reads* ``X``:
 
 - ``X`` is a norm's output (``rms_norm`` / ``layer_norm``): ``gain /= s`` and ``bias /= s``.
+  A norm without a gain (after SliceGPT or ``rotation_invariant`` folded it into the readers)
+  first gets a gain of ones, ``norm(x) = norm(x) * 1``, so smoothing still acts there.
   Only the norm's output is rescaled; the residual stream it reads is untouched.
 - ``X`` is reached from a linear's output through ops that are linear (or positively
   homogeneous) in each channel: views/transposes/GQA repeats, the ``v`` operand of
@@ -25,7 +27,7 @@ all consuming linears. Channels whose activation or weight is all zero keep ``s 
 Sites rewritten: every tensor read only by linears (the LM head excepted: it stays float by
 default, so smoothing it buys nothing) whose producer is foldable as above. Skipped, with a note:
 tensors also read by a non-linear op, the LM head's input, producers that are not linear in the
-channel (``gelu``, ``silu``, a residual ``add``, a norm without gain), producers shared with
+channel (``gelu``, ``silu``, a residual ``add``), producers shared with
 other readers, consumers whose weight another op also reads (a tied embedding table, e.g.
 Gemma2's LM head behind its logit soft-capping). No per-family code: only op kinds and the
 channel groups decide.
@@ -88,6 +90,7 @@ class SmoothingSite:
         channel_of: per consumer column, the producer channel holding it (a LongTensor).
         width: number of producer channels along the scaled dim.
         skip: why the site is left alone (None when it is smoothed).
+        create_gain: the producer is a gain-free norm; a gain of ones is added at fold time.
     """
 
     site: str
@@ -98,6 +101,7 @@ class SmoothingSite:
     channel_of: torch.Tensor | None = None
     width: int = 0
     skip: str | None = None
+    create_gain: bool = False
 
 
 # ----------------------------------------------------------------------------- decisions
@@ -147,8 +151,12 @@ def _decide_norm(gm: fx.GraphModule, s: SmoothingSite) -> None:
     b = None
     if ir.is_op(x, ir.LAYER_NORM):
         b = x.args[3] if len(x.args) > 3 else x.kwargs.get("bias")
-    if ir.param_node(w) is None:
-        s.skip = f"{ir.site(x)}: norm without a gain parameter has nothing to absorb the scale"
+    if w is None:
+        # A gain-free norm (e.g. after SliceGPT folded the gains into the readers) gets a gain
+        # of ones when the site is smoothed: norm(x) = norm(x) * 1, exact.
+        s.create_gain = True
+    elif ir.param_node(w) is None:
+        s.skip = f"{ir.site(x)}: norm gain is not a parameter"
         return
     if b is not None and ir.param_node(b) is None:
         s.skip = f"{ir.site(x)}: norm bias is not a parameter"
@@ -156,9 +164,10 @@ def _decide_norm(gm: fx.GraphModule, s: SmoothingSite) -> None:
     if any(_shared_param(gm, p, x) for p in (w, b) if p is not None):
         s.skip = f"{ir.site(x)}: norm parameters are also read elsewhere"
         return
-    width = ir.get_param(gm, w).shape[0]
+    width = x.meta["val"].shape[-1] if w is None else ir.get_param(gm, w).shape[0]
     s.producer = x
-    s.producer_params = [(str(w.target), 0)] + ([(str(b.target), 0)] if b is not None else [])
+    s.producer_params = ([] if w is None else [(str(w.target), 0)]) \
+        + ([(str(b.target), 0)] if b is not None else [])
     s.channel_of = torch.arange(width)
     s.width = width
 
@@ -378,6 +387,8 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, chan
 
 def fold_smoothing_scales(gm: fx.GraphModule, site: SmoothingSite, s: torch.Tensor) -> None:
     """Divide the producer's parameters by ``s`` and multiply the consumers' columns by it."""
+    if site.create_gain:
+        add_norm_gain(gm, site)
     for target, dim in site.producer_params:
         p = ir.get_param(gm, target)
         shape = [1] * p.dim()
@@ -395,6 +406,19 @@ def fold_smoothing_scales(gm: fx.GraphModule, site: SmoothingSite, s: torch.Tens
         ir.set_param(gm, w, (p.to(torch.float64) * col[None, :]).to(p.dtype))
 
 
+def add_norm_gain(gm: fx.GraphModule, site: SmoothingSite) -> None:
+    """Give the site's gain-free norm a gain of ones (a parameter its scales fold into)."""
+    norm = site.producer
+    gain = ir.add_param(gm, f"{ir.module_path(norm) or norm.name}.smoothquant_gain",
+                        torch.ones(site.width, dtype=norm.meta["val"].dtype), before=norm)
+    args = list(norm.args) + [None] * max(0, 3 - len(norm.args))
+    args[2] = gain
+    norm.args = tuple(args)
+    norm.kwargs = {k: v for k, v in norm.kwargs.items() if k != "weight"}
+    site.producer_params.insert(0, (str(gain.target), 0))
+    site.create_gain = False
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -405,6 +429,7 @@ class SmoothQuant(Pass):
     forbids = frozenset({"quantized"})
     exact = True
     requires = frozenset({"canonical", "calibrated"})
+    destroys = frozenset({"rotation_invariant"})  # a gain of ones on a gain-free norm
 
     def __init__(self, *, alpha: float = 0.5):
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
