@@ -34,7 +34,8 @@ channel groups decide.
 
 Preconditions: ``canonical`` and ``calibrated``; the graph must not be quantized yet (checked
 in ``run``: a ``quantized_decomposed`` node raises :class:`PreconditionError`). Exact; preserves
-the channel groups analysis (shapes and structure are unchanged), not activation statistics.
+the channel groups analysis (shapes and structure are unchanged) unless it gave a norm a gain
+(a new group member), not activation statistics.
 A second run finds ``s = 1`` everywhere (``max|X/s|^a / max|W s|^(1-a) = s / s``) and reports
 ``modified=False`` (scales within ``1e-5`` of 1 are treated as 1).
 
@@ -416,7 +417,6 @@ def add_norm_gain(gm: fx.GraphModule, site: SmoothingSite) -> None:
     norm.args = tuple(args)
     norm.kwargs = {k: v for k, v in norm.kwargs.items() if k != "weight"}
     site.producer_params.insert(0, (str(gain.target), 0))
-    site.create_gain = False
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -481,7 +481,10 @@ class SmoothQuant(Pass):
                  "folded_into_linears": len(plans) - by_norm, "sites_skipped": len(notes)}
         log.info("smoothquant(alpha=%g): %d sites smoothed (%d into norms, %d into linears), "
                  "%d skipped", self.alpha, len(plans), by_norm, len(plans) - by_norm, len(notes))
-        return PassResult(gm, True, frozenset({"channel_groups"}), stats, notes)
+        # a new gain is a new member of its channel group: the cached groups are stale then
+        created = any(s.create_gain for s, _ in plans)
+        return PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
+                          stats, notes)
 
 
 __all__ = [
