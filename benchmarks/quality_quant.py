@@ -21,12 +21,19 @@ Pipelines:
   divisible by 128; 172 is not divisible by 32 either, so ``down_proj`` is excluded with a
   note), float activations.
 
-Reading the outlier rows: the outlier transform divides the consumers' weight columns by 50,
-so int8 per-row weights alone already round those columns coarsely (weight-only int8 per row
-measured +5.6% on 64 windows). RPTQ's per-cluster scales fix the activations only, so that is
-its floor; SmoothQuant moves the range back into those weight columns and avoids it.
+- ``int8_weights_only``: the int8 per-channel weights of ``w8a8`` (insert_qdq's own rounding,
+  LM head left float as there), activations float: the floor every W8A8 pipeline starts from.
 
-Run: ``python benchmarks/quality_quant.py [--windows 256] [--out results.md]``.
+Reading the outlier rows: the outlier transform divides the consumers' weight columns by 50,
+so int8 per-row weights alone already round those columns coarsely (the ``int8_weights_only``
+row). RPTQ's per-cluster scales fix the activations only, so that is its floor; SmoothQuant
+moves the range back into those weight columns and avoids it.
+
+``--ort``: also export every int8 activation pipeline (Q/DQ lowered to ORT's integer kernels,
+``backends/ort_quant.py``) and evaluate it in ONNX Runtime on the same windows; the table gets
+the ORT perplexity and its relative difference from the graph's.
+
+Run: ``python benchmarks/quality_quant.py [--windows 256] [--ort] [--out results.md]``.
 """
 
 from __future__ import annotations
@@ -66,7 +73,30 @@ def pipelines() -> dict[str, list]:
         "smoothquant+w8a8": [SmoothQuant(alpha=0.5), InsertQDQ(scheme="w8a8")],
         "rptq+cluster_w8a8": [RPTQReorder(clusters=4), InsertQDQClusters()],
         "w4a16": [InsertQDQ(scheme="w4a16", group_size=32, exclude=["*down_proj"])],
+        "int8_weights_only": [Int8WeightsOnly()],
     }
+
+
+class Int8WeightsOnly:
+    """Round every linear weight but the LM head's to int8 per output channel, exactly as
+    ``insert_qdq(scheme=w8a8)`` does (``passes.insert_qdq.quantize_weight_per_channel``), and
+    store it dequantized: activations stay float."""
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        from compiler import ir
+        from passes.insert_qdq import WeightQuantSpec, quantize_weight_per_channel
+
+        spec = WeightQuantSpec(bits=8, group_size=None, symmetric=True)
+        for n in ir.nodes_of(gm, ir.LINEAR):
+            if any(u.op == "output" for u in n.users):
+                continue  # the LM head (insert_qdq's default quantize_lm_head=False)
+            _, w, _ = ir.linear_parts(n)
+            q, scale = quantize_weight_per_channel(ir.get_param(gm, w), spec)
+            ir.set_param(gm, w, q.float() * scale[:, None])
+
+
+#: pipelines whose activations are int8 (``--ort`` evaluates these in ONNX Runtime too)
+INT8_ACTIVATIONS = ("w8a8", "w8a8_dynamic", "smoothquant+w8a8", "rptq+cluster_w8a8")
 
 
 def run_pipeline(gm, passes, calib) -> torch.fx.GraphModule:
@@ -84,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=128)
     ap.add_argument("--only", nargs="*", default=None, help="pipeline names to run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--ort", action="store_true",
+                    help="also evaluate the int8-activation pipelines in ONNX Runtime")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -103,22 +135,38 @@ def main(argv=None) -> int:
             ppl = perplexity(gm, windows, progress=False).ppl
             ref = ppl if name == "fp32" else ref
             rel = "" if ref is None or name == "fp32" else f"{100 * (ppl / ref - 1):+.2f}%"
-            rows.append((variant, name, ppl, rel, time.perf_counter() - t0))
-            log.warning("%s %s: %.4f %s", variant, name, ppl, rel)
+            ort = _ort_perplexity(gm, windows) if args.ort and name in INT8_ACTIVATIONS else None
+            rows.append((variant, name, ppl, rel, time.perf_counter() - t0, ort))
+            log.warning("%s %s: %.4f %s%s", variant, name, ppl, rel,
+                        f" (ORT {ort:.4f}, {100 * (ort / ppl - 1):+.4f}%)" if ort else "")
     lines = [
         (f"stories260K perplexity, TinyStories eval half, {args.windows} x 256 windows "
          f"({args.windows * 255} scored tokens); calibration {args.calib} x 256 (seed 0). "
          f"{platform.processor() or platform.machine()}, torch {torch.__version__}."),
         "",
-        "| model | pipeline | perplexity | vs fp32 |",
-        "|---|---|---:|---:|",
+        "| model | pipeline | perplexity | vs fp32 |" + (" ORT | ORT vs graph |" if args.ort else ""),
+        "|---|---|---:|---:|" + ("---:|---:|" if args.ort else ""),
     ]
-    lines += [f"| {v} | {n} | {p:.4f} | {r or '-'} |" for v, n, p, r, _ in rows]
+    lines += [f"| {v} | {n} | {p:.4f} | {r or '-'} |"
+              + ((f" {o:.4f} | {100 * (o / p - 1):+.4f}% |" if o else " - | - |") if args.ort else "")
+              for v, n, p, r, _, o in rows]
     text = "\n".join(lines)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
     return 0
+
+
+def _ort_perplexity(gm: torch.fx.GraphModule, windows: torch.Tensor) -> float:
+    """Perplexity of ``gm`` exported with ORT integer kernels, run in ONNX Runtime."""
+    import tempfile
+
+    from backends.onnxruntime import ORTModel
+    from backends.ort_quant import export_quantized_onnx
+
+    with tempfile.TemporaryDirectory(prefix="quality_quant-") as tmp:
+        path = export_quantized_onnx(gm, Path(tmp) / "q.onnx")
+        return perplexity(ORTModel(path, threads=2), windows, progress=False).ppl
 
 
 if __name__ == "__main__":

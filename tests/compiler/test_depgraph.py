@@ -368,16 +368,14 @@ def test_stories260k_groups_and_residual_permutation(probe_ids):
         torch.testing.assert_close(gm2(probe_ids), ref, atol=1e-5, rtol=0, msg=name)
 
 
-def test_twelve_layer_model_builds_quickly():
-    import time
-
+def test_twelve_layer_model_has_one_head_group_and_one_mlp_group_per_layer():
+    # (no wall-clock assertion: a time limit in a test measures the machine's load, not the code)
     from compiler.frontend import load_model, tiny_config, trace
 
     gm = canonicalize(trace(load_model(tiny_config("llama", num_hidden_layers=12))))
-    t = time.perf_counter()
     cg = build_channel_groups(gm)
-    assert time.perf_counter() - t < 1.0
     assert len(cg.of_kind("attn_heads")) == 12 and len(cg.of_kind("mlp")) == 12
+    assert len(cg.of_kind("residual")) == 1
 
 
 def test_positive_scales_through_the_opt_mlp_group_keep_logits(probe_ids):
