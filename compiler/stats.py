@@ -9,7 +9,14 @@ dim is always the tensor's *last* dim; every leading dim is flattened into "toke
 
 - ``absmax``, ``min``, ``max``: ``[C]`` float64;
 - ``count``: number of rows (tokens) seen;
-- ``xtx``: ``[C, C]`` float64, ``sum_t x_t x_t^T`` -- only for tensors named in ``covariance``.
+- ``xtx``: ``[C, C]`` float64, ``sum_t x_t x_t^T`` -- only for tensors named in ``covariance``;
+- ``hist``: ``[HIST_BINS]`` float64 counts of ``log2 |x|`` over every element of the tensor, in
+  fixed bins of ``1 / HIST_BINS_PER_OCTAVE`` octave from ``2**HIST_LOG2_MIN`` (smaller values and
+  zeros land in the first bin) to ``2**HIST_LOG2_MAX`` -- only for tensors named in
+  ``histogram``. Fixed bins make histograms of different batches add up exactly; a bin is 1.1%
+  wide in value, the resolution of the range estimators built on it
+  (:func:`passes.insert_qdq.activation_range`); with it, ``sqsum``: ``[C]`` float64
+  ``sum_t x_t^2`` per channel (the diagonal of ``X^T X`` at O(C) cost).
 
 Results are float64: abs-max/min/max are exact (a min or max needs no rounding, so it is reduced
 in the activation dtype and then upcast); ``X^T X`` is formed and summed in float64 (activations
@@ -77,6 +84,15 @@ _OUT_OPS = (ir.EMBEDDING, ir.RMS_NORM, ir.LAYER_NORM, ir.SDPA)
 _CACHE_VERSION = 1
 #: elements sampled per parameter for the cheap cache hash
 _PARAM_SAMPLE = 4096
+#: log2 |x| histogram: fixed bins of 1/64 octave over [2**-32, 2**32)
+HIST_LOG2_MIN, HIST_LOG2_MAX, HIST_BINS_PER_OCTAVE = -32, 32, 64
+HIST_BINS = (HIST_LOG2_MAX - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE
+
+
+def hist_bin_edges() -> torch.Tensor:
+    """``[HIST_BINS + 1]`` float64 value edges (not log2) of the ``hist`` bins."""
+    return torch.exp2(torch.linspace(HIST_LOG2_MIN, HIST_LOG2_MAX, HIST_BINS + 1,
+                                     dtype=torch.float64))
 
 
 class UnknownSiteError(FxCompressError, KeyError):
@@ -99,6 +115,9 @@ class ChannelStats:
         max: ``[C]`` max over tokens.
         count: number of tokens (rows after flattening every leading dim) seen.
         xtx: ``[C, C]`` ``sum_t x_t x_t^T`` when covariance was requested, else None.
+        hist: ``[HIST_BINS]`` counts of ``log2 |x|`` over all elements (see
+            :func:`hist_bin_edges`) when a histogram was requested, else None.
+        sqsum: ``[C]`` ``sum_t x_t^2`` per channel, with the histogram.
     """
 
     absmax: torch.Tensor
@@ -106,6 +125,8 @@ class ChannelStats:
     max: torch.Tensor
     count: int
     xtx: torch.Tensor | None = None
+    hist: torch.Tensor | None = None
+    sqsum: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -251,9 +272,11 @@ def _unknown_site_message(site: str, known: Iterable[str], what: str) -> str:
 class _Accumulator:
     """Running float64 reductions over the rows of one tensor."""
 
-    def __init__(self, name: str, covariance: bool) -> None:
+    def __init__(self, name: str, covariance: bool, histogram: bool = False) -> None:
         self.name = name
         self.want_xtx = covariance
+        self.hist = torch.zeros(HIST_BINS, dtype=torch.float64) if histogram else None
+        self.sqsum: torch.Tensor | None = None
         self.absmax: torch.Tensor | None = None
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
@@ -284,12 +307,19 @@ class _Accumulator:
             torch.maximum(self.absmax, torch.maximum(hi.abs(), lo.abs()), out=self.absmax)
             if x64 is not None:
                 self.xtx.addmm_(x64.T, x64)
+        if self.hist is not None:
+            # fixed log2 bins; zeros and values below 2**HIST_LOG2_MIN fall in the first bin
+            lg = torch.log2(x.detach().abs().float().clamp(min=2.0 ** HIST_LOG2_MIN))
+            self.hist += torch.histc(lg, HIST_BINS, HIST_LOG2_MIN, HIST_LOG2_MAX).to(torch.float64)
+            sq = x.detach().to(torch.float64).square().sum(0)
+            self.sqsum = sq if self.sqsum is None else self.sqsum.add_(sq)
         self.count += x.shape[0]
 
     def result(self) -> ChannelStats:
         if self.absmax is None:
             raise DataError(f"tensor {self.name} saw no tokens (empty calibration batches?)")
-        return ChannelStats(self.absmax, self.min, self.max, self.count, self.xtx)
+        return ChannelStats(self.absmax, self.min, self.max, self.count, self.xtx, self.hist,
+                            self.sqsum)
 
 
 class _Observer(torch.nn.Module):
@@ -364,6 +394,7 @@ def collect_stats(
     *,
     sites: Iterable[str] | None = None,
     covariance: Iterable[str] = (),
+    histogram: Iterable[str] = (),
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> StatsTable:
@@ -374,6 +405,8 @@ def collect_stats(
         batches: calibration ``input_ids`` tensors ``[batch, seq]`` (or one such tensor).
         sites: sites to observe; None means every linear input (``:in``) site.
         covariance: sites that also need ``X^T X`` (observed even when not in ``sites``).
+        histogram: sites that also need the ``log2 |x|`` histogram and per-channel ``sum x^2``
+            (observed even when not in ``sites``).
         progress: show a tqdm bar over batches.
         cache_dir: folder for the statistics cache (None: no cache).
 
@@ -388,24 +421,28 @@ def collect_stats(
     smap = site_map(gm)
     requested = linear_input_sites(gm) if sites is None else _as_list(sites, "sites")
     cov_sites = _as_list(covariance, "covariance")
-    for s in requested + cov_sites:
+    hist_sites = _as_list(histogram, "histogram")
+    for s in requested + cov_sites + hist_sites:
         if s not in smap:
             raise UnknownSiteError(_unknown_site_message(s, smap, "observable tensor"))
     order = {s: i for i, s in enumerate(smap)}
-    wanted = sorted(set(requested) | set(cov_sites), key=order.__getitem__)
+    wanted = sorted(set(requested) | set(cov_sites) | set(hist_sites), key=order.__getitem__)
     batches = _check_batches(batches)
 
     cov_nodes = {smap[s] for s in cov_sites}
+    hist_nodes = {smap[s] for s in hist_sites}
     accs: dict[fx.Node, _Accumulator] = {}
     for s in wanted:
         node = smap[s]
         if node not in accs:
-            accs[node] = _Accumulator(node.name, covariance=node in cov_nodes)
+            accs[node] = _Accumulator(node.name, covariance=node in cov_nodes,
+                                      histogram=node in hist_nodes)
     site_to_tensor = {s: smap[s].name for s in wanted}
 
     cache_file = None
     if cache_dir is not None:
-        key = _cache_key(gm, batches, wanted, sorted(set(cov_sites), key=order.__getitem__))
+        key = _cache_key(gm, batches, wanted, sorted(set(cov_sites), key=order.__getitem__),
+                         sorted(set(hist_sites), key=order.__getitem__))
         cache_file = Path(cache_dir) / f"stats-{key}.safetensors"
         table = _load_cache(cache_file, site_to_tensor)
         if table is not None:
@@ -435,7 +472,8 @@ def _as_list(sites: Iterable[str], what: str) -> list[str]:
 
 
 def _cache_key(
-    gm: fx.GraphModule, batches: list[torch.Tensor], sites: list[str], cov: list[str]
+    gm: fx.GraphModule, batches: list[torch.Tensor], sites: list[str], cov: list[str],
+    hist: list[str] = (),
 ) -> str:
     h = hashlib.sha256()
     h.update(f"v{_CACHE_VERSION}\n".encode())
@@ -457,7 +495,7 @@ def _cache_key(
         b = b.detach().contiguous().cpu()
         h.update(f"{tuple(b.shape)} {b.dtype}".encode())
         h.update(b.numpy().tobytes())
-    h.update(json.dumps([sites, cov]).encode())
+    h.update(json.dumps([sites, cov, list(hist)] if hist else [sites, cov]).encode())
     return h.hexdigest()[:32]
 
 
@@ -472,6 +510,9 @@ def _save_cache(path: Path, table: StatsTable) -> None:
         tensors[f"{name}.max"] = st.max.contiguous()
         if st.xtx is not None:
             tensors[f"{name}.xtx"] = st.xtx.contiguous()
+        if st.hist is not None:
+            tensors[f"{name}.hist"] = st.hist.contiguous()
+            tensors[f"{name}.sqsum"] = st.sqsum.contiguous()
         counts[name] = st.count
     meta = {"version": str(_CACHE_VERSION), "counts": json.dumps(counts),
             "site_to_tensor": json.dumps(table.site_to_tensor)}
@@ -501,9 +542,11 @@ def _load_cache(path: Path, site_to_tensor: dict[str, str]) -> StatsTable | None
             tensors = {}
             for name, count in counts.items():
                 xtx = f.get_tensor(f"{name}.xtx") if f"{name}.xtx" in keys else None
+                hist = f.get_tensor(f"{name}.hist") if f"{name}.hist" in keys else None
+                sqsum = f.get_tensor(f"{name}.sqsum") if hist is not None else None
                 tensors[name] = ChannelStats(
                     f.get_tensor(f"{name}.absmax"), f.get_tensor(f"{name}.min"),
-                    f.get_tensor(f"{name}.max"), int(count), xtx,
+                    f.get_tensor(f"{name}.max"), int(count), xtx, hist, sqsum,
                 )
     # a corrupt or foreign cache file is recomputed, not fatal
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
@@ -518,7 +561,8 @@ def _load_cache(path: Path, site_to_tensor: dict[str, str]) -> StatsTable | None
 class ActivationStats(Analysis):
     """The data analysis: :func:`collect_stats` over ``ctx.calibration``, cached by the manager.
 
-    Keys: ``sites`` (frozenset or None = every linear input) and ``covariance`` (frozenset).
+    Keys: ``sites`` (frozenset or None = every linear input), ``covariance`` and ``histogram``
+    (frozensets).
     """
 
     name = "activation_stats"
@@ -531,6 +575,7 @@ class ActivationStats(Analysis):
         *,
         sites: frozenset[str] | None = None,
         covariance: frozenset[str] = frozenset(),
+        histogram: frozenset[str] = frozenset(),
     ) -> StatsTable:
         batches = ctx.require_calibration("activation statistics (ActivationStats)")
         return collect_stats(
@@ -538,6 +583,7 @@ class ActivationStats(Analysis):
             batches,
             sites=None if sites is None else sorted(sites),
             covariance=sorted(covariance),
+            histogram=sorted(histogram),
             progress=ctx.progress,
             cache_dir=ctx.extra.get("stats_cache_dir"),
         )

@@ -58,9 +58,9 @@ Hyper-parameters:
         calibration data: ``max`` the abs-max (the scheme as first published), ``percentile``
         the ``percentile``-th percentile of ``|x|`` over every element, ``mse`` the clipping
         value that minimizes the expected squared error of the int8 round trip (rounding noise
-        ``step^2 / 12`` inside the range, ``(|x| - c)^2`` outside), as TensorRT's and
-        ONNX Runtime's calibrators offer. Both read a ``log2 |x|`` histogram in 1/64-octave
-        bins (:mod:`compiler.stats`), so a range is resolved to within 1.1%.
+        ``step^2 / 12`` inside the range, ``x^2`` under half a step, ``(|x| - c)^2`` outside),
+        as TensorRT's and ONNX Runtime's calibrators offer. Both read a ``log2 |x|``
+        histogram in 1/64-octave bins (:mod:`compiler.stats`): a range is resolved to 1.1%.
     percentile (float, default 99.99): the percentile for ``act_range="percentile"``, in
         (0, 100].
     keep_sensitive (int, default 0): number of activation tensors (all linears reading one
@@ -422,13 +422,13 @@ def quantization_noise(hist: torch.Tensor, absmax: float, clip: torch.Tensor | f
     """Expected ``sum (x - DQ(Q(x)))^2`` over a tensor whose ``|x|`` histogram is ``hist``, for
     symmetric int8 with range ``clip`` (a scalar or ``[K]`` candidates -> ``[K]``).
 
-    Inside the range a value rounds with error ``min(x^2, step^2 / 12)`` (values under half a
-    step round to 0); outside it is clipped, error ``(|x| - clip)^2``.
+    Inside the range a value under half a step rounds to 0 (error ``x^2``), a larger one has
+    the uniform rounding error ``step^2 / 12``; outside it is clipped, error ``(|x| - clip)^2``.
     """
     n, v, _ = _hist_values(hist, absmax)
     c = torch.as_tensor(clip, dtype=torch.float64).reshape(-1, 1)
     step = c / qmax
-    inside = torch.minimum(v[None, :] ** 2, step ** 2 / 12)
+    inside = torch.where(v[None, :] < step / 2, v[None, :] ** 2, step ** 2 / 12)
     outside = (v[None, :] - c) ** 2
     err = torch.where(v[None, :] <= c, inside, outside)
     return (err * n[None, :]).sum(dim=1)

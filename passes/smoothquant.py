@@ -36,12 +36,31 @@ Preconditions: ``canonical`` and ``calibrated``; the graph must not be quantized
 in ``run``: a ``quantized_decomposed`` node raises :class:`PreconditionError`). Exact; preserves
 the channel groups analysis (shapes and structure are unchanged) unless it gave a norm a gain
 (a new group member), not activation statistics.
-A second run finds ``s = 1`` everywhere (``max|X/s|^a / max|W s|^(1-a) = s / s``) and reports
-``modified=False`` (scales within ``1e-5`` of 1 are treated as 1).
+With a fixed alpha a second run finds ``s = 1`` everywhere
+(``max|X/s|^a / max|W s|^(1-a) = s / s``) and reports ``modified=False`` (scales within
+``1e-5`` of 1 are treated as 1); with ``alpha="auto"`` a second run may pick other alphas and
+smooth again (still exact).
 
 Hyper-parameters:
-    alpha (float, default 0.5): migration strength in [0, 1]; 0 leaves activations as they
-        are divided by the weight range, 1 moves the whole activation range into the weights.
+    alpha (float or "auto", default "auto"): migration strength in [0, 1]; 0 leaves activations
+        as they are divided by the weight range, 1 moves the whole activation range into the
+        weights. ``"auto"``: chosen per site from ``alpha_grid`` on the calibration data (the
+        search of SmoothQuant's follow-ups, e.g. OS+ arXiv:2304.09145 and Intel Neural
+        Compressor's auto-alpha), see below.
+    alpha_grid (list[float], default 0, 0.05, ..., 1): the candidates of the search.
+
+Alpha search (``alpha="auto"``): per site, the alpha whose smoothing gives the consumers'
+int8 outputs (per-channel weights, per-tensor activations over the abs-max range) the least
+expected squared error, from statistics only -- no extra forward pass:
+
+    err(alpha) = sum_j  E[x_j^2] / s_j^2 * ||dW'_:,j||^2  +  min(step^2 / 12, E[x_j^2] / s_j^2) * ||W'_:,j||^2
+
+over the consumers' columns ``j``, with ``W' = W diag(s)``, ``dW'`` its int8 rounding error,
+``step = max_j max|x_j| / s_j / 127``: the weight term is exact when activation channels are
+uncorrelated (the diagonal of ``X^T X``), the activation term is the uniform rounding-noise
+model (a value under half a step rounds to 0 and costs ``x^2``). ``E[x_j^2]`` comes from the
+statistics' per-channel ``sum x^2`` (collected with the histogram, :mod:`compiler.stats`). The
+chosen alpha of every site is in the pass notes.
 """
 
 from __future__ import annotations
@@ -64,6 +83,8 @@ log = logging.getLogger(__name__)
 UNIT_TOL = 1e-5
 #: floor of activation / weight maxima in the scale formula (as in the reference code)
 MIN_RANGE = 1e-5
+#: candidates of the per-site alpha search
+DEFAULT_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 
 # Ops through which a per-channel scale passes unchanged (pure data movement), by short name.
 _MOVE_OPS = {
@@ -386,6 +407,49 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, chan
     return torch.where(live & (a > 0) & (w > 0), s, torch.ones_like(s))
 
 
+def _consumer_weights(gm: fx.GraphModule, site: SmoothingSite) -> list[torch.Tensor]:
+    """The distinct consumers' weights ``[out, C]`` as float64."""
+    out, seen = [], set()
+    for c in site.consumers:
+        w = ir.linear_parts(c)[1]
+        if str(w.target) not in seen:
+            seen.add(str(w.target))
+            out.append(ir.get_param(gm, w).detach().to(torch.float64))
+    return out
+
+
+def alpha_search_errors(act_absmax: torch.Tensor, act_meansq: torch.Tensor,
+                        weights: list[torch.Tensor], channel_of: torch.Tensor, width: int,
+                        alphas, qmax: int = 127) -> torch.Tensor:
+    """Expected squared output error of the consumers after smoothing with each alpha and
+    int8 quantization (per-row weights, per-tensor activations over the abs-max range), per
+    token; see the module docstring. Returns ``[len(alphas)]`` float64.
+
+    Args:
+        act_absmax: ``[C]`` abs-max per consumer column; act_meansq: ``[C]`` ``E[x^2]``.
+        weights: the consumers' weights ``[out, C]``.
+        channel_of, width: as :func:`smoothing_scales`.
+        alphas: the candidates.
+    """
+    a = act_absmax.to(torch.float64)
+    msq = act_meansq.to(torch.float64)
+    wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+    errs = []
+    for alpha in alphas:
+        col = smoothing_scales(a, wmax, channel_of, width, alpha)[channel_of]
+        xm = msq / col ** 2
+        step = float((a / col).max()) / qmax
+        act_noise = torch.minimum(xm, torch.full_like(xm, step ** 2 / 12))
+        err = torch.zeros((), dtype=torch.float64)
+        for w in weights:
+            ws = w * col[None, :]
+            sc = ws.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / qmax
+            dw = ws - torch.round(ws / sc).clamp(-qmax, qmax) * sc
+            err = err + (xm * dw.square().sum(0)).sum() + (act_noise * ws.square().sum(0)).sum()
+        errs.append(err)
+    return torch.stack(errs)
+
+
 def fold_smoothing_scales(gm: fx.GraphModule, site: SmoothingSite, s: torch.Tensor) -> None:
     """Divide the producer's parameters by ``s`` and multiply the consumers' columns by it."""
     if site.create_gain:
@@ -431,11 +495,19 @@ class SmoothQuant(Pass):
     requires = frozenset({"canonical", "calibrated"})
     destroys = frozenset({"rotation_invariant"})  # a gain of ones on a gain-free norm
 
-    def __init__(self, *, alpha: float = 0.5):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) \
-                or not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"smoothquant: alpha must be a number in [0, 1], got {alpha!r}")
-        self.alpha = float(alpha)
+    def __init__(self, *, alpha: float | str = "auto", alpha_grid=DEFAULT_ALPHA_GRID):
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                                or not 0.0 <= float(alpha) <= 1.0):
+            raise ValueError(f"smoothquant: alpha must be a number in [0, 1] or 'auto', got "
+                             f"{alpha!r}")
+        grid = [alpha_grid] if isinstance(alpha_grid, (int, float)) else alpha_grid
+        if isinstance(grid, str) or not grid or any(
+                isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0
+                for a in grid):
+            raise ValueError(f"smoothquant: alpha_grid must be a non-empty list of numbers in "
+                             f"[0, 1], got {alpha_grid!r}")
+        self.alpha = alpha if alpha == "auto" else float(alpha)
+        self.alpha_grid = tuple(float(a) for a in grid)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
@@ -450,8 +522,10 @@ class SmoothQuant(Pass):
         notes = [f"{s.site}: skipped, {s.skip}" for s in sites if s.skip is not None]
         if not todo:
             return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
+        auto = self.alpha == "auto"
         table = ctx.analysis(ActivationStats, gm, sites=frozenset(s.site for s in todo),
-                             covariance=frozenset())
+                             covariance=frozenset(),
+                             histogram=frozenset(s.site for s in todo) if auto else frozenset())
         if any(table[s.site].absmax.shape[0] != s.channel_of.shape[0] for s in todo):
             bad = next(s for s in todo if table[s.site].absmax.shape[0] != s.channel_of.shape[0])
             raise PassError(f"smoothquant: site {bad.site}: statistics have "
@@ -462,11 +536,21 @@ class SmoothQuant(Pass):
         # site's producer, and their column maxima must be read after that site's fold, so a
         # second run sees s = 1 everywhere.
         plans = []
+        chosen: list[float] = []
         for s in reversed(todo):
-            wmax = torch.stack([ir.get_param(gm, ir.linear_parts(c)[1]).detach().abs()
-                                .amax(dim=0).to(torch.float64) for c in s.consumers]).amax(dim=0)
-            scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width,
-                                     self.alpha)
+            weights = _consumer_weights(gm, s)
+            wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+            alpha = self.alpha
+            if auto:
+                st = table[s.site]
+                errs = alpha_search_errors(st.absmax, st.sqsum / max(st.count, 1), weights,
+                                           s.channel_of, s.width, self.alpha_grid)
+                alpha = self.alpha_grid[int(torch.argmin(errs))]
+                chosen.append(alpha)
+                notes.append(f"{s.site}: alpha {alpha:g} (search over {len(self.alpha_grid)}; "
+                             f"error {float(errs.min()):.3g} vs {float(errs[-1]):.3g} at "
+                             f"alpha {self.alpha_grid[-1]:g})")
+            scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width, alpha)
             if (scale - 1).abs().max() <= UNIT_TOL:
                 continue  # already smooth (e.g. a second run)
             fold_smoothing_scales(gm, s, scale)
@@ -477,10 +561,16 @@ class SmoothQuant(Pass):
             return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
         gm.recompile()
         by_norm = sum(1 for s, _ in plans if not ir.is_op(s.producer, ir.LINEAR))
+        skipped = sum(1 for s in sites if s.skip is not None)
         stats = {"sites_smoothed": len(plans), "folded_into_norms": by_norm,
-                 "folded_into_linears": len(plans) - by_norm, "sites_skipped": len(notes)}
-        log.info("smoothquant(alpha=%g): %d sites smoothed (%d into norms, %d into linears), "
-                 "%d skipped", self.alpha, len(plans), by_norm, len(plans) - by_norm, len(notes))
+                 "folded_into_linears": len(plans) - by_norm, "sites_skipped": skipped}
+        if auto and chosen:
+            c = sorted(chosen)
+            stats["alpha"] = f"auto {c[0]:g}..{c[-1]:g} (median {c[len(c) // 2]:g})"
+        else:
+            stats["alpha"] = self.alpha
+        log.info("smoothquant(alpha=%s): %d sites smoothed (%d into norms, %d into linears), "
+                 "%d skipped", stats["alpha"], len(plans), by_norm, len(plans) - by_norm, skipped)
         # a new gain is a new member of its channel group: the cached groups are stale then
         created = any(s.create_gain for s, _ in plans)
         return PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
@@ -488,7 +578,9 @@ class SmoothQuant(Pass):
 
 
 __all__ = [
+    "DEFAULT_ALPHA_GRID",
     "SmoothQuant",
+    "alpha_search_errors",
     "SmoothingSite",
     "find_smoothing_sites",
     "fold_smoothing_scales",
