@@ -312,9 +312,10 @@ class BlockRunner:
             self._eval(nodes, env, overrides, observe)
         if until is not None:
             return env[until]
-        if block.epilogue:
-            return fx.node.map_aggregate(self.partition.output_arg,
-                                         lambda a: env[a] if isinstance(a, fx.Node) else a)
+        if block.epilogue:  # what the GraphModule returns (its output pytree)
+            out = fx.node.map_aggregate(self.partition.output_arg,
+                                        lambda a: env[a] if isinstance(a, fx.Node) else a)
+            return self.gm.graph._codegen.process_outputs(out)
         return env[block.output]
 
 

@@ -1,0 +1,120 @@
+"""Block-sequential engine: partition from graph structure, exact block outputs, propagation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+from compiler import ir
+from compiler.blockwise import BlockVisitor, partition_blocks, run_blockwise
+from compiler.errors import DataError
+from passes.canonicalize import canonicalize
+from tests.conftest import CORE_FAMILIES, FAMILIES, tiny_graph
+
+LAYERS = 2  # every tiny model
+
+
+def _graph(family: str = "llama") -> fx.GraphModule:
+    return canonicalize(tiny_graph(family))
+
+
+class _Recorder(BlockVisitor):
+    """Records every block's input and output node values (no transform)."""
+
+    def __init__(self):
+        self.seen: dict[str, list[torch.Tensor]] = {}
+
+    def observed(self, block):
+        return [block.input] + ([block.output] if block.output is not None else [])
+
+    def observe(self, block, node, value, batch):
+        self.seen.setdefault(node.name, []).append(value.clone())
+
+
+def _node_values(gm: fx.GraphModule, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every node's value in one plain fx Interpreter run (the reference)."""
+    vals: dict[str, torch.Tensor] = {}
+
+    class Rec(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            vals[n.name] = out
+            return out
+
+    with torch.no_grad():
+        Rec(gm).run(ids)
+    return vals
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_partition_has_one_block_per_decoder_layer_and_an_epilogue(family):
+    part = partition_blocks(_graph(family))
+    assert len(part.decoder_blocks) == LAYERS
+    assert part.blocks[-1].epilogue and part.blocks[-1].output is None
+    for i, b in enumerate(part.decoder_blocks):
+        # module names only check the structural split; the engine never reads them
+        assert {ir.block_index(n) for n in b.linears()} == {i}
+        assert len(b.linears()) >= 4  # attention and MLP in one block
+    assert any(ir.is_op(n, ir.LINEAR) for n in part.blocks[-1].nodes)  # the LM head
+
+
+def test_side_values_are_outside_the_blocks():
+    part = partition_blocks(_graph("llama"))
+    side_ops = {ir.op_name(n) for n in part.side}
+    assert {"cos", "sin", "arange"} <= side_ops  # rotary tables and positions: once per batch
+    for b in part.blocks:
+        assert not {"cos", "sin", "arange"} & {ir.op_name(n) for n in b.nodes}
+        assert all(n in part.side or n.op == "placeholder" for n in b.side_inputs)
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_block_outputs_equal_the_full_forward_exactly(family, probe_ids):
+    gm = _graph(family)
+    batches = [probe_ids, probe_ids[:1, :7]]
+    rec = _Recorder()
+    runner = run_blockwise(gm, batches, rec)
+    for i, ids in enumerate(batches):
+        ref = _node_values(gm, ids)
+        for name, vals in rec.seen.items():
+            assert torch.equal(vals[i], ref[name]), name
+        logits = runner.run(runner.partition.blocks[-1], i)
+        assert torch.equal(logits, gm(ids))
+
+
+class _ZeroBlock(BlockVisitor):
+    """Overrides block 0's MLP output projection with zeros."""
+
+    def transform(self, block, runner):
+        if block.index == 0:
+            w = block.linears()[-1].args[1]
+            runner.overrides[str(w.target)] = torch.zeros_like(ir.get_param(runner.gm, w))
+
+
+@pytest.mark.parametrize("propagate, changes", [("transformed", True), ("original", False)])
+def test_propagation_uses_the_transformed_or_the_original_block(propagate, changes, probe_ids):
+    gm = _graph("llama")
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    runner = run_blockwise(gm, [probe_ids], _ZeroBlock(), propagate=propagate)
+    ref = _node_values(gm, probe_ids)
+    epi = runner.partition.blocks[-1]
+    assert torch.equal(runner.inputs[0], ref[epi.input.name]) is not changes
+    assert all(torch.equal(v, gm.state_dict()[k]) for k, v in before.items())  # gm untouched
+
+
+def test_compact_store_dtype_stays_close(probe_ids):
+    gm = _graph("llama")
+    runner = run_blockwise(gm, [probe_ids], BlockVisitor(), store_dtype=torch.bfloat16)
+    assert runner.inputs[0].dtype == torch.bfloat16
+    logits = runner.run(runner.partition.blocks[-1], 0)
+    ref = gm(probe_ids)
+    # bf16 residuals between blocks: measured 0.29-0.31% of max |logit| over 5 seeds
+    assert 0 < (logits - ref).abs().max() <= 0.005 * ref.abs().max()
+
+
+def test_bad_input_is_rejected(probe_ids):
+    gm = _graph("llama")
+    with pytest.raises(ValueError, match="propagate"):
+        run_blockwise(gm, [probe_ids], BlockVisitor(), propagate="sideways")
+    with pytest.raises(DataError, match="at least one calibration batch"):
+        run_blockwise(gm, [], BlockVisitor())
