@@ -21,8 +21,11 @@ def test_stories260k_perplexity_agrees_across_torch_compiled_graph_and_ort(tmp_p
     ort_ppl = perplexity(ort, windows, batch_size=32, progress=False)
     assert (torch_ppl.n_windows, torch_ppl.window, torch_ppl.scored_tokens) == (256, 256, 65280)
     assert 2 < torch_ppl.ppl < 8
-    assert abs(graph_ppl.relative_change(torch_ppl)) <= 1e-3
-    assert abs(ort_ppl.relative_change(torch_ppl)) <= 1e-3
+    # Measured: the compiled graph runs torch's own ops, its perplexity is bit-identical (0);
+    # ORT's kernels move it by 7.9e-10 relative. One norm-gain channel scaled by 1.01 in the
+    # graph moves it by 6.9e-6, so 1e-8 tells the two apart (the former 1e-3 did not).
+    assert abs(graph_ppl.relative_change(torch_ppl)) <= 1e-8
+    assert abs(ort_ppl.relative_change(torch_ppl)) <= 1e-8
 
 
 @pytest.mark.slow
