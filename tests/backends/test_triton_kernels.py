@@ -134,9 +134,10 @@ def test_w8a8_reference_matches_float64_dequantize_then_matmul():
         w_q.double().abs() * w_s.double()[:, None]
     ).t() + bias.double().abs()
     _assert_fp32_rounding_close(out, naive, magnitude, 3)
-    # And the int8 result approximates the float product (per-token x per-channel int8 noise).
+    # And the int8 result approximates the float product (per-token x per-channel int8 noise):
+    # measured 7.6e-3 on these inputs; an activation scale off by 1% gives 1.29e-2.
     rel = (out.double() - (x.double() @ w_float.double().t() + bias)).norm() / naive.norm()
-    assert rel < 0.02
+    assert rel < 0.01
 
 
 def test_w8a8_rejects_bad_arguments_with_named_errors():
