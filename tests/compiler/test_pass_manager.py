@@ -375,7 +375,9 @@ def test_float64_evaluation_runs_a_quantized_graph(probe_ids, calib_batches):
     assert ir.is_quantized(gm)
     out64 = evaluate_float64(gm, probe_ids)
     assert out64.dtype == torch.float64
-    torch.testing.assert_close(out64.float(), gm(probe_ids), atol=2e-2, rtol=0)
+    # same int8 codes in both precisions: measured 1.8e-7 (float32 rounding of |logits| ~0.7);
+    # an activation landing on another int8 code would be a whole step (~1e-3)
+    torch.testing.assert_close(out64.float(), gm(probe_ids), atol=1e-6, rtol=0)
 
 
 @needs_stories
