@@ -79,8 +79,11 @@ def run_demo(data_dir: str | None = None, out: str | Path = "out/demo", quiet: b
             continue
         graph_ppl = evaluate.perplexity(cm, windows, batch_size=16, progress=not quiet)
         ort_ppl = evaluate.perplexity(ort, windows, batch_size=16, progress=not quiet)
-        # fp32 must reproduce torch (0.1%); a quantized ORT model must reproduce its graph (0.5%)
-        budget = 1e-3 if name == "fp32" else 5e-3
+        # fp32 must reproduce torch, a quantized ORT model its graph. Measured (256 windows):
+        # graph == torch exactly, ORT 7.9e-10 relative; SmoothQuant W8A8 in ORT 1.4e-4 from its
+        # graph (`python benchmarks/quality_quant.py --ort`). The budgets leave room for other
+        # CPUs' kernels, far below what a wrong scale costs.
+        budget = 1e-6 if name == "fp32" else 1e-3
         agree = abs(ort_ppl.relative_change(graph_ppl)) <= budget
         if name == "fp32":
             agree &= abs(graph_ppl.relative_change(base)) <= budget
