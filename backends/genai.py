@@ -61,7 +61,7 @@ DEFAULT_CONTEXT = 2048
 # ----------------------------------------------------------------------------- export
 
 
-def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int = 0,
+def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int | str = "auto",
                    external_data: bool | None = True, fused: bool = True,
                    max_positions: int = DEFAULT_CONTEXT) -> tuple[Path, bool]:
     """Export a :class:`compiler.kv_cache.KVCacheGraph` to ONNX with the GenAI IO names.
@@ -186,7 +186,7 @@ def genai_config(kv, config: dict, *, context_length: int | None = None,
 
 def export_genai(kv, folder: str | os.PathLike, *, config: dict,
                  tokenizer_dir: str | os.PathLike | None, overwrite: bool = False,
-                 accuracy_level: int = 0, context_length: int | None = None,
+                 accuracy_level: int | str = "auto", context_length: int | None = None,
                  threads: int | None = None, fused: bool = True) -> Path:
     """Write the GenAI folder (see the module doc) atomically: all of it or nothing.
 
@@ -196,7 +196,9 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
         config: the model's config dict (token ids, context length, sizes).
         tokenizer_dir: folder with ``tokenizer.json`` (copied); None writes no tokenizer
             (ORT GenAI then cannot tokenize text, only take token ids).
-        accuracy_level: ``MatMulNBits`` accuracy level for int4 weights.
+        accuracy_level: ``MatMulNBits`` accuracy level for int4 weights; ``"auto"`` (default)
+            is 4 (int8 compute) on CPUs with int8 dot products, else 0
+            (``backends.ort_quant.resolve_accuracy_level``); 0 is the graph's float arithmetic.
         context_length: default: the config's ``max_position_embeddings``.
         threads: ``intra_op_num_threads`` in the session options (default: ORT's).
         fused: lower norms and attention to ORT's fused kernels (``backends.ort_fused``).

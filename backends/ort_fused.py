@@ -10,8 +10,8 @@ translation is the fused kernel:
 ==========================================  ==================================================
 fx pattern                                   ONNX emitted (what ORT executes)
 ==========================================  ==================================================
-``rms_norm(add(a, b), w)`` where the sum     ``com.microsoft.SkipSimplifiedLayerNormalization``
-is also read later (the residual stream)     (outputs the norm and ``a + b``)
+``rms_norm(add(a, b), w)`` (the residual    ``com.microsoft.SkipSimplifiedLayerNormalization``
+stream; the sum may be read later or not)    (outputs the norm and ``a + b``)
 ``rms_norm(x, w)`` (any other)               ``SimplifiedLayerNormalization``
 ``layer_norm(add(a, b), w, b)`` (residual)   ``com.microsoft.SkipLayerNormalization``
 ``sdpa(q, cat(past_k, k), cat(past_v, v))``  ``com.microsoft.GroupQueryAttention`` (GQA and
@@ -19,7 +19,14 @@ from ``compiler.kv_cache`` (+ repeat_kv)     MHA; cache concatenated inside the 
 ... with ``q = a*cos + rotate_half(a)*sin``  the same with ``do_rotary=1``: the kernel rotates the
 (and ``k`` alike, same cos/sin)              pre-rotary ``a`` with cos/sin tables evaluated from
                                              the graph's own position subgraph
+... with q, k, v the three last-dim slices   the same with the packed ``[B, T, q|k|v]`` tensor as
+of one projection (``fuse_linears``)         the only input (no slices)
 ==========================================  ==================================================
+
+Layout ops around the kernel are not emitted where the graph already has the kernel's
+``[B, T, H*D]`` layout: ``transpose(view(proj, [B, T, H, D]), 1, 2)`` feeds ``proj`` itself, and
+the ``reshape(transpose(out, 1, 2), [B, T, H*D])`` that reads the attention output reads the
+kernel's output directly.
 
 Identities relied on: ``SkipSimplifiedLayerNormalization(a, b, w) = (rms_norm(a + b) * w,
 a + b)``; ``GroupQueryAttention`` computes causal attention of the new tokens over
@@ -107,14 +114,15 @@ def _(x, skip, weight, bias, eps):
 
 @torch.library.custom_op(f"{_LIB}::group_query_attention", mutates_args=())
 def group_query_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+    q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, past_k: torch.Tensor,
     past_v: torch.Tensor, seqlens_k: torch.Tensor, total_len: torch.Tensor,
     cos_cache: torch.Tensor | None, sin_cache: torch.Tensor | None, num_heads: int,
     kv_num_heads: int, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ORT's ``GroupQueryAttention`` (no shared buffer) in torch.
 
-    ``q: [B, S, Hq*D]``, ``k, v: [B, S, Hkv*D]``, ``past_*: [B, Hkv, P, D]``; row ``b`` holds
+    ``q: [B, S, Hq*D]``, ``k, v: [B, S, Hkv*D]`` (or ``k = v = None`` and ``q`` the packed
+    ``[B, S, (Hq + 2 Hkv)*D]`` q|k|v), ``past_*: [B, Hkv, P, D]``; row ``b`` holds
     ``seqlens_k[b] + 1`` valid tokens, its query ``i`` sits at ``seqlens_k[b] + 1 - S + i``.
     With ``cos_cache``/``sin_cache`` (``[max_positions, D/2]``) the new queries and keys are
     first rotated at those positions (``do_rotary``, half-split layout:
@@ -122,7 +130,9 @@ def group_query_attention(
     [B, Hkv, P+S, D])``.
     """
     b, s, _ = q.shape
-    d = q.shape[-1] // num_heads
+    d = past_k.shape[-1]
+    if k is None or v is None:
+        q, k, v = q.split([num_heads * d, kv_num_heads * d, kv_num_heads * d], dim=-1)
     qpos = (seqlens_k.long() + 1 - s)[:, None] + torch.arange(s)[None, :]  # [B, S]
     qh = q.reshape(b, s, num_heads, d).transpose(1, 2)
     kh = k.reshape(b, s, kv_num_heads, d).transpose(1, 2)
@@ -152,7 +162,8 @@ def _(q, k, v, past_k, past_v, seqlens_k, total_len, cos_cache, sin_cache, num_h
       kv_num_heads, scale):
     b, s, _ = q.shape
     shape = (b, past_k.shape[1], past_k.shape[2] + s, past_k.shape[3])
-    return torch.empty_like(q), past_k.new_empty(shape), past_v.new_empty(shape)
+    out = q.new_empty(b, s, num_heads * past_k.shape[3])
+    return out, past_k.new_empty(shape), past_v.new_empty(shape)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -260,6 +271,8 @@ class FusionStats:
     skip_layer_norms: int = 0
     attentions: int = 0
     rotaries: int = 0
+    #: attentions reading one packed q|k|v projection (``fuse_linears``) without slicing it
+    packed_qkv: int = 0
     #: every past input is read by a fused attention op and nothing else (no position or mask
     #: arithmetic on the cache length): the runtime may share past and present buffers
     cache_only_in_attention: bool = False
@@ -293,7 +306,7 @@ def _norm_decision(gm: fx.GraphModule, n: fx.Node) -> tuple[str | None, str]:
         bias = n.args[3] if len(n.args) > 3 else n.kwargs.get("bias")
         if bias is not None and not _is_f32_param(gm, bias):
             return None, "bias is not a float32 parameter"
-    is_skip = ir.is_op(x, aten.add.Tensor) and len(x.users) > 1 and len(x.args) == 2 \
+    is_skip = ir.is_op(x, aten.add.Tensor) and len(x.args) == 2 \
         and all(isinstance(a, fx.Node) for a in x.args) and _same_shape(*x.args) \
         and _same_shape(x, x.args[0])
     if ir.is_op(n, ir.RMS_NORM):
@@ -357,12 +370,80 @@ def _fuse_norms(gm: fx.GraphModule, stats: FusionStats) -> None:
         g.erase_node(n)
 
 
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _dims(n) -> list[str] | None:
+    val = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return [str(d) for d in val.shape] if isinstance(val, torch.Tensor) else None
+
+
 def _bsh(g: fx.Graph, x: fx.Node, width: int) -> fx.Node:
-    """``[B, H, T, D] -> [B, T, H*D]`` (the layout ORT's attention kernels take)."""
+    """``[B, H, T, D] -> [B, T, H*D]`` (the layout ORT's attention kernels take).
+
+    When ``x`` is itself ``transpose(view(y, [B, T, H, D]), 1, 2)`` of a ``[B, T, H*D]`` tensor
+    ``y`` (a projection's output), ``y`` is that layout already and is returned: no
+    Transpose/Reshape pair is emitted for the kernel to undo.
+    """
+    if ir.is_op(x, aten.transpose.int) and tuple(x.args[1:]) in ((1, 2), (2, 1)):
+        view = x.args[0]
+        if ir.is_op(view, *_VIEWS):
+            y, vd, yd = view.args[0], _dims(view), _dims(view.args[0])
+            if vd is not None and yd is not None and len(vd) == 4 and len(yd) == 3 \
+                    and vd[:2] == yd[:2] and yd[2] == str(width):
+                return y
     t = g.call_function(aten.transpose.int, (x, 1, 2))
     return g.call_function(aten.reshape.default, (t, [
         g.call_function(aten.sym_size.int, (x, 0)), g.call_function(aten.sym_size.int, (x, 2)),
         width]))
+
+
+def _packed_source(q: fx.Node, k: fx.Node, v: fx.Node, widths: tuple[int, int, int]):
+    """The ``[B, T, q|k|v]`` tensor when q, k, v are its three consecutive last-dim slices.
+
+    That is the form ``fuse_linears`` leaves (one projection, sliced); ``GroupQueryAttention``
+    then reads it whole as its packed query and needs no slices.
+    """
+    parts = (q, k, v)
+    if not all(ir.is_op(n, aten.slice.Tensor) for n in parts):
+        return None
+    src = q.args[0]
+    sd = _dims(src)
+    if sd is None or len(sd) != 3 or any(n.args[0] is not src for n in parts):
+        return None
+    start = 0
+    for n, w in zip(parts, widths):
+        dim = n.args[1] if len(n.args) > 1 else 0
+        lo = n.args[2] if len(n.args) > 2 else 0
+        hi = n.args[3] if len(n.args) > 3 else None
+        step = n.args[4] if len(n.args) > 4 else 1
+        if dim not in (-1, 2) or lo != start or step != 1:
+            return None
+        start += w
+        if hi is not None and not (hi == start or (hi >= start and start == sum(widths))):
+            return None
+    return src if sd[2] == str(sum(widths)) else None
+
+
+def _attention_output_users(sdpa: fx.Node, width: int) -> list[fx.Node]:
+    """The SDPA's ``reshape(transpose(out, 1, 2), [B, T, H*D])`` readers (o_proj's input).
+
+    The fused kernel writes that ``[B, T, H*D]`` layout directly, so these readers can take its
+    output as is.
+    """
+    found, frontier = [], list(sdpa.users)
+    while frontier:
+        t = frontier.pop()
+        if ir.is_op(t, *_VIEWS) and _dims(t) is not None and _dims(t) == _dims(t.args[0]):
+            frontier.extend(t.users)  # a reshape to the same shape (e.g. repeat_kv's undo)
+            continue
+        if not (ir.is_op(t, aten.transpose.int) and tuple(t.args[1:]) in ((1, 2), (2, 1))):
+            continue
+        for r in t.users:
+            rd = _dims(r)
+            if ir.is_op(r, *_VIEWS) and rd is not None and len(rd) == 3 and rd[2] == str(width):
+                found.append(r)
+    return found
 
 
 def match_rotary(x: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
@@ -544,19 +625,27 @@ def _fuse_attention(gm: fx.GraphModule, layers, stats: FusionStats,
                 q_in, k_in, cos_sin = rq[0], rk[0], caches[key]
         if why is not None and why != "no rotary":
             stats.notes.append(f"{layer.site}: rotary kept as generic ops ({why})")
+        widths = (heads * d, layer.kv_heads * d, layer.kv_heads * d)
         with g.inserting_before(sdpa):
+            qkv = [_bsh(g, x, w) for x, w in zip((q_in, k_in, nodes["value"]), widths)]
+            packed = _packed_source(*qkv, widths)
+            if packed is not None:
+                qkv = [packed, None, None]
+                stats.packed_qkv += 1
             fused = g.call_function(ops.group_query_attention.default, (
-                _bsh(g, q_in, heads * d), _bsh(g, k_in, layer.kv_heads * d),
-                _bsh(g, nodes["value"], layer.kv_heads * d), nodes["past_key"], nodes["past_value"],
+                *qkv, nodes["past_key"], nodes["past_value"],
                 seqlens, total_t, *cos_sin, heads, layer.kv_heads, float(scale)))
-            out = g.call_function(operator.getitem, (fused, 0))
-            out = g.call_function(aten.reshape.default, (out, [  # sizes of q_in: q may be dead
+            flat = g.call_function(operator.getitem, (fused, 0))
+            out = g.call_function(aten.reshape.default, (flat, [  # sizes of q_in: q may be dead
                 g.call_function(aten.sym_size.int, (q_in, 0)),
                 g.call_function(aten.sym_size.int, (q_in, 2)), heads, d]))
             out = g.call_function(aten.transpose.int, (out, 1, 2))
             present_k = g.call_function(operator.getitem, (fused, 1))
             present_v = g.call_function(operator.getitem, (fused, 2))
         stats.rotaries += cos_sin[0] is not None
+        for reader in _attention_output_users(sdpa, heads * d):
+            ir.copy_meta(reader, flat, created_by="ort_fused")
+            reader.replace_all_uses_with(flat)
         ir.copy_meta(sdpa, out, created_by="ort_fused")
         sdpa.replace_all_uses_with(out)
         g.erase_node(sdpa)  # dead code elimination keeps it (tagged nondeterministic: dropout)
@@ -591,9 +680,10 @@ def lower_fused(kv, *, norms: bool = True, attention: bool = True,
     pasts = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("past_")]
     stats.cache_only_in_attention = bool(pasts) and all(
         u.op == "call_function" and u.target is gqa for n in pasts for u in n.users)
-    log.info("ort fused lowering: %d skip+rms, %d rms, %d skip+layer norms, %d attentions; "
-             "%d sites kept", stats.skip_rms_norms, stats.rms_norms, stats.skip_layer_norms,
-             stats.attentions, len(stats.notes))
+    log.info("ort fused lowering: %d skip+rms, %d rms, %d skip+layer norms, %d attentions "
+             "(%d reading one packed q|k|v projection; fuse_linears before quantization packs "
+             "them); %d sites kept", stats.skip_rms_norms, stats.rms_norms,
+             stats.skip_layer_norms, stats.attentions, stats.packed_qkv, len(stats.notes))
     return gm, stats
 
 

@@ -27,12 +27,16 @@ Variants, all from the same Hugging Face folder:
   are ``MatMulNBits`` with block 32 and ``accuracy_level=4`` (int8 compute inside the kernel:
   activations are quantized per block), LM head included;
 - ``ours_fp32`` / ``ours_w8a8`` (SmoothQuant alpha 0.5, then W8A8 static, ``MatMulIntegerToFloat``)
-  / ``ours_w4a16`` (group 32, ``MatMulNBits`` accuracy_level 0: fp32 compute, true A16), the
-  LM head quantized as the builder does, norms / rotary / attention lowered to ORT's fused
-  kernels (``backends.ort_fused``, the ``export_genai`` default):
+  / ``ours_w4a16`` (group 32, ``MatMulNBits`` at the export default ``accuracy_level="auto"``:
+  4, int8 compute inside the kernel, on this CPU, as the builder's int4), the LM head quantized
+  as the builder does, q|k|v and gate|up fused into one projection each (``fuse_linears``: the
+  attention kernel reads the packed q|k|v as the builder's does), norms / rotary / attention
+  lowered to ORT's fused kernels (``backends.ort_fused``, the ``export_genai`` default):
   ``compiler.compile(<hf>, passes=..., calibration=32 x 512 random ids, seed 1)`` then
-  ``CompiledModel.export_genai(<out>)``. ``ours_w4a16_acc4`` is the same W4A16 graph exported with
-  ``accuracy_level=4``, the kernel path the builder's int4 uses (a like-for-like kernel pair).
+  ``CompiledModel.export_genai(<out>)``. ``ours_w4a16_acc0`` is the same W4A16 graph at
+  ``accuracy_level=0`` (float compute: the graph's own arithmetic, true A16). Not in the default
+  set (``--variants``): ``ours_fp32_unfused`` / ``ours_w4a16_unfused``, the same without
+  ``fuse_linears``, to measure what packing buys.
   Our embeddings stay float (a ``Gather`` reads one row per token), as the builder's do.
 
 The thread count lives in each folder's ``genai_config.json``: ``model.decoder.session_options
@@ -52,7 +56,8 @@ out) and greedy search; ``--warmup`` untimed runs, then ``--runs`` timed ones:
 
 Reported: per variant the median over all runs of all rounds (with the spread of the per-round
 medians); per round the paired speed-up against ``--baseline`` (default ``builder_fp32``) and for
-each ours-vs-builder pair (fp32 vs fp32, W8A8 vs int8, W4A16 and W4A16 acc4 vs int4), then the
+each ours-vs-builder pair (fp32 vs fp32, W8A8 vs int8, W4A16 and W4A16 acc0 vs int4, and the
+packed-vs-unpacked pairs when those run), then the
 median, min and max over the rounds. Speed-ups are > 1 when the first of the pair is faster
 (prefill: time ratio builder / ours; decode: tokens/s ratio ours / builder). Size: total bytes
 of the model files (``*.onnx`` plus external data) in the folder.
@@ -94,21 +99,32 @@ SMOKE_CONFIG = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads
                 "max_position_embeddings": 256, "tie_word_embeddings": False}
 # name -> ("builder", precision) or ("ours", (passes, MatMulNBits accuracy_level))
 VARIANTS: dict[str, tuple[str, object]] = {
-    "ours_fp32": ("ours", ([], 0)),
+    # q|k|v (and gate|up) as one projection: GroupQueryAttention reads it packed, as the
+    # builder's models do (``fuse_linears``; ``*_unfused`` measure what it buys)
+    "ours_fp32": ("ours", (["fuse_linears"], "auto")),
     # the LM head is quantized too, as the builder does (float it is 98 MB of the 134M model's
     # per-token reads); int4 in groups of 32, the builder's block size
-    "ours_w8a8": ("ours", (["smoothquant(alpha=0.5)",
-                            "insert_qdq(scheme=w8a8, quantize_lm_head=true)"], 0)),
-    "ours_w4a16": ("ours", (["insert_qdq(scheme=w4a16, group_size=32, quantize_lm_head=true)"], 0)),
-    # the same W4A16 graph with MatMulNBits' int8-compute path, as the builder's int4 uses
-    "ours_w4a16_acc4": ("ours", (["insert_qdq(scheme=w4a16, group_size=32, "
-                                  "quantize_lm_head=true)"], 4)),
+    "ours_w8a8": ("ours", (["fuse_linears", "smoothquant(alpha=0.5)",
+                            "insert_qdq(scheme=w8a8, quantize_lm_head=true)"], "auto")),
+    # the export default: MatMulNBits' int8-compute path where the CPU has it (as the builder)
+    "ours_w4a16": ("ours", (["fuse_linears",
+                             "insert_qdq(scheme=w4a16, group_size=32, quantize_lm_head=true)"],
+                            "auto")),
+    # the same W4A16 graph with float compute (true A16, the graph's arithmetic)
+    "ours_w4a16_acc0": ("ours", (["fuse_linears", "insert_qdq(scheme=w4a16, group_size=32, "
+                                  "quantize_lm_head=true)"], 0)),
+    "ours_fp32_unfused": ("ours", ([], "auto")),
+    "ours_w4a16_unfused": ("ours", (["insert_qdq(scheme=w4a16, group_size=32, "
+                                     "quantize_lm_head=true)"], "auto")),
     "builder_fp32": ("builder", "fp32"),
     "builder_int8": ("builder", "int8"),
     "builder_int4": ("builder", "int4"),
 }
+DEFAULT_VARIANTS = ["ours_fp32", "ours_w8a8", "ours_w4a16", "ours_w4a16_acc0", "builder_fp32",
+                    "builder_int8", "builder_int4"]
 PAIRS = [("ours_fp32", "builder_fp32"), ("ours_w8a8", "builder_int8"),
-         ("ours_w4a16", "builder_int4"), ("ours_w4a16_acc4", "builder_int4")]
+         ("ours_w4a16", "builder_int4"), ("ours_w4a16_acc0", "builder_int4"),
+         ("ours_fp32", "ours_fp32_unfused"), ("ours_w4a16", "ours_w4a16_unfused")]
 MARKER = ".bench_generate.json"  # the recipe a folder was built from, written last
 
 
@@ -296,14 +312,16 @@ _last_compiled: dict = {}  # the last (passes -> CompiledModel): W4A16 exported 
 
 
 def build_ours_variant(hf: Path, passes: list[str], calib, folder: Path, reuse: bool,
-                       accuracy_level: int = 0) -> float:
+                       accuracy_level: int | str = "auto") -> float:
     """``compiler.compile`` + ``CompiledModel.export_genai``; returns their wall seconds.
 
     The compiled model of the previous call is kept and reused when the passes are the same
     (its compile seconds are then not counted again).
     """
     import compiler
+    from backends.ort_quant import resolve_accuracy_level
 
+    accuracy_level = resolve_accuracy_level(accuracy_level)
     recipe = {"passes": passes, "hf": str(hf.resolve()), "accuracy_level": accuracy_level,
               "calibration": _describe(calib) if passes else "none", "source": _source_stamp()}
     if _reusable(folder, recipe, reuse):
@@ -582,7 +600,7 @@ def main(argv=None) -> int:
     hf = work / "hf"
     info = build_hf_folder(model_name, hf, args.reuse)
 
-    names = args.variants or list(VARIANTS)
+    names = args.variants or DEFAULT_VARIANTS
     skipped = []
     if not has_export_genai():
         skipped = [n for n in names if VARIANTS[n][0] == "ours"]

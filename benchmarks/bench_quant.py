@@ -21,7 +21,12 @@ same fp32 export, so the mask change helps every row alike):
 - ``smoothquant+w8a8``: ``SmoothQuant(alpha=0.5)`` (exact, folded into weights) then ``w8a8``:
   the same kernels as ``w8a8``, so the same speed is expected;
 - ``rptq+cluster_w8a8``: ``RPTQReorder(clusters=4)`` then ``InsertQDQClusters`` (one
-  ``MatMulIntegerToFloat`` per cluster, summed) and ``InsertQDQ`` for the embedding table.
+  ``MatMulIntegerToFloat`` per cluster, summed) and ``InsertQDQ`` for the embedding table;
+- ``smoothquant+w8a8_genai``: the ``smoothquant+w8a8`` graph as ``export_genai`` deploys it
+  (``compiler.kv_cache.with_kv_cache`` then ``backends.genai.export_kv_onnx``: norms, rotary and
+  attention on ORT's fused kernels), timed on the prompt with an empty cache (an all-ones
+  ``attention_mask`` and ``[1, heads, 0, D]`` past inputs), so it computes the same logits
+  as the other rows.
 
 ORT: CPU EP, ``intra_op_num_threads=2``, batch 1 x seq tokens; each variant alone in a fresh
 process (3 warm-ups, 15 timed runs), processes interleaved over 10 rounds, median of the 150 runs
@@ -79,6 +84,10 @@ OURS = {
     "w4a16_acc4": {"scheme": "w4a16", "group_size": 128, "accuracy_level": 4},
     "smoothquant+w8a8": {"scheme": "w8a8", "smoothquant": 0.5},
     "rptq+cluster_w8a8": {"scheme": "w8a8", "rptq": 4},
+    # the same SmoothQuant W8A8 graph as deployed for generation: the KV-cache export of
+    # ``export_genai`` (norms, rotary and attention on ORT's fused kernels), timed on the prompt
+    # with an empty cache
+    "smoothquant+w8a8_genai": {"scheme": "w8a8", "smoothquant": 0.5, "genai": True},
 }
 
 
@@ -104,6 +113,7 @@ def export_ours(gm, calib, work: Path, timings: dict, names=None) -> dict[str, P
             continue
         opts = dict(opts)
         level = opts.pop("accuracy_level", 0)
+        genai = opts.pop("genai", False)
         alpha = opts.pop("smoothquant", None)
         clusters = opts.pop("rptq", None)
         g = copy.deepcopy(gm)
@@ -123,8 +133,17 @@ def export_ours(gm, calib, work: Path, timings: dict, names=None) -> dict[str, P
         timings[f"{name}: passes (s)"] = round(time.perf_counter() - t, 1)
         log.info("%s: %s", name, res.stats)
         t = time.perf_counter()
-        paths[name] = export_quantized_onnx(g, work / f"{name}.onnx", strip_metadata=True,
-                                            accuracy_level=level)
+        if genai:
+            from backends.genai import export_kv_onnx
+            from compiler.kv_cache import with_kv_cache
+
+            paths[name], _ = export_kv_onnx(with_kv_cache(g), work / f"{name}.onnx",
+                                            accuracy_level=level,
+                                            max_positions=CONFIG["max_position_embeddings"])
+            strip_debug_metadata(paths[name])
+        else:
+            paths[name] = export_quantized_onnx(g, work / f"{name}.onnx", strip_metadata=True,
+                                                accuracy_level=level)
         timings[f"{name}: export (s)"] = round(time.perf_counter() - t, 1)
         del g
         gc.collect()
@@ -172,7 +191,7 @@ def export_ort_baselines(fp32: Path, calib, work: Path, timings: dict,
 def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int,
           rounds: int) -> dict:
     """Latency (each file alone in a fresh process, see ``ort_timing``), logit diffs, op types."""
-    from ort_timing import paired_ratio, time_onnx_files
+    from ort_timing import paired_ratio, prompt_feed, time_onnx_files
 
     lat = time_onnx_files(paths, seqs, warmup=warmup, runs=runs, rounds=rounds,
                           vocab=CONFIG["vocab_size"])
@@ -186,7 +205,7 @@ def bench(paths: dict[str, Path], seqs: list[int], warmup: int, runs: int,
     ops, ref = {}, None
     for k, p in paths.items():  # one session at a time: 134M fp32 + 7 variants is a lot of RAM
         s = ORTModel(p, threads=2)
-        y = s.session.run(None, {s.input_names[0]: ids})[0]
+        y = s.session.run(None, prompt_feed(s.session, ids))[0]
         ref = y if k == "fp32" else ref
         for seq in seqs:
             result[seq][k]["max_abs_logit_diff_vs_fp32"] = float(np.abs(y - ref).max())

@@ -79,6 +79,24 @@ def paired_ratio(res: dict, ref: str, name: str, seq: int) -> tuple[float, float
     return statistics.median(r), min(r), max(r)
 
 
+def prompt_feed(sess, ids) -> dict:
+    """Inputs for one prompt ``ids`` ``[B, T]``: the ids, and for a KV-cache model (the GenAI
+    layout) an all-ones ``attention_mask`` and empty past caches (``[B, heads, 0, D]``)."""
+    import numpy as np
+
+    first, *rest = sess.get_inputs()
+    feed = {first.name: ids}
+    for inp in rest:
+        if inp.name == "attention_mask":
+            feed[inp.name] = np.ones(ids.shape, dtype=np.int64)
+        elif inp.name.startswith("past_key_values."):
+            shape = [ids.shape[0], *(d if isinstance(d, int) else 0 for d in inp.shape[1:])]
+            feed[inp.name] = np.zeros(shape, dtype=np.float32)
+        else:
+            raise ValueError(f"ort_timing: no feed for the model input {inp.name!r}")
+    return feed
+
+
 def _child(path: str, seqs: list[int], warmup: int, runs: int, threads: int, vocab: int) -> None:
     import numpy as np
     import onnxruntime as ort
@@ -86,11 +104,10 @@ def _child(path: str, seqs: list[int], warmup: int, runs: int, threads: int, voc
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
     rng = np.random.default_rng(2)
     out = {}
     for s in seqs:
-        feed = {name: rng.integers(0, vocab, (1, s), dtype=np.int64)}
+        feed = prompt_feed(sess, rng.integers(0, vocab, (1, s), dtype=np.int64))
         for _ in range(warmup):
             sess.run(None, feed)
         t = []

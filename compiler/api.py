@@ -164,14 +164,16 @@ class CompiledModel:
                               stats=self.generation_stats)
 
     def export_genai(self, folder: str | os.PathLike, *, overwrite: bool = False,
-                     accuracy_level: int = 0, context_length: int | None = None,
+                     accuracy_level: int | str = "auto", context_length: int | None = None,
                      threads: int | None = None, fused: bool = True) -> Path:
         """Write an ONNX Runtime GenAI folder (``backends.genai``): KV-cache ONNX, config, tokenizer.
 
         ``onnxruntime_genai.Model(folder)`` loads it; ``fxcompress generate FOLDER`` runs it.
         Quantized graphs lower to ORT's integer kernels as in :meth:`export_onnx`; norms and
         attention to ORT's fused kernels unless ``fused=False`` (``backends.ort_fused``: exact
-        for batches without padding; the unfused graph also masks left padding). Written
+        for batches without padding; the unfused graph also masks left padding). Int4 weights
+        run ``MatMulNBits`` at ``accuracy_level`` (default ``"auto"``: int8 compute where the
+        CPU has int8 dot products, as ORT GenAI's builder does; 0 keeps float compute). Written
         atomically; an existing non-empty folder needs ``overwrite=True``.
         """
         from backends.genai import export_genai

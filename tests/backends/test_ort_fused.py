@@ -45,26 +45,47 @@ def test_fused_export_equals_the_unfused_export_prefill_and_decode(family, tmp_p
 def test_llama_norms_and_attention_lower_to_ort_kernels(tmp_path):
     cm = compiler.compile(tiny_model("llama"), [])
     _, stats = lower_fused(cm.kv_cache())
-    # 2 layers: layer 0's input norm reads the embeddings (no add) and the final norm reads a
-    # sum nothing else reads: plain norms; the other 3 norms read a residual sum: skip norms
-    assert (stats.skip_rms_norms, stats.rms_norms, stats.attentions) == (3, 2, 2)
+    # 2 layers: layer 0's input norm reads the embeddings (no add): a plain norm; the other 4
+    # read a residual sum (the final one a sum nothing else reads): skip norms
+    assert (stats.skip_rms_norms, stats.rms_norms, stats.attentions) == (4, 1, 2)
     assert stats.rotaries == 2  # rotary moved into the attention kernel (do_rotary)
     assert stats.notes == []
     fused, _ = _export_both(cm, tmp_path)
     ops = ORTModel(fused / "model.onnx").optimized_op_types()
     assert ops["GroupQueryAttention"] == 2
-    assert ops["SkipSimplifiedLayerNormalization"] == 3
-    assert ops["SimplifiedLayerNormalization"] == 2
+    assert ops["SkipSimplifiedLayerNormalization"] == 4
+    assert ops["SimplifiedLayerNormalization"] == 1
     assert ops["Softmax"] == 0 and ops["Pow"] == 0 and ops["Neg"] == 0 and ops["Cos"] == 0
+    # the kernel reads and writes [B, T, H*D]: no layout ops are left around it
+    assert ops["Transpose"] == 0 and ops["Reshape"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: GQA and q/k/v biases
+def test_fused_qkv_projection_feeds_attention_packed(family, tmp_path):
+    cm = compiler.compile(tiny_model(family), ["fuse_linears"])
+    kv = cm.kv_cache()
+    gm, stats = lower_fused(kv)
+    assert stats.packed_qkv == stats.attentions == 2
+    ids = _ids(256, (2, 9))
+    assert (decode_logits(KVCacheGraph(gm, kv.layers), ids, 5) - decode_logits(kv, ids, 5)) \
+        .abs().max() <= 1e-5
+    fused, plain = _export_both(cm, tmp_path)
+    ops = ORTModel(fused / "model.onnx").optimized_op_types()
+    # what is left split is each MLP's fused gate|up, one op per layer; q|k|v is not split
+    assert ops["GroupQueryAttention"] == 2 and ops["Slice"] + ops["Split"] == 2
+    one = ids[:1]
+    got = ort_decode_logits(ORTCausalLM(fused), one, prompt=5)
+    ref = ort_decode_logits(ORTCausalLM(plain), one, prompt=5)
+    assert (got - ref).abs().max() <= 1e-4
 
 
 def test_gpt2_layer_norms_with_residual_become_skip_layer_norm(tmp_path):
     cm = compiler.compile(tiny_model("gpt2"), [])
     _, stats = lower_fused(cm.kv_cache())
-    assert stats.skip_layer_norms == 3 and stats.attentions == 2
-    # layer 0's ln_1 reads the token + position embeddings (no residual add) and stays
-    # LayerNormalization, as does the final ln_f; each gets a note with the reason
-    assert sum("layer_norm kept" in n for n in stats.notes) == 2
+    assert stats.skip_layer_norms == 4 and stats.attentions == 2
+    # layer 0's ln_1 reads token + position embeddings, a sum that broadcasts (positions are
+    # [1, T, C]): it stays LayerNormalization, with a note; ln_f reads the last residual sum
+    assert sum("layer_norm kept" in n for n in stats.notes) == 1
 
 
 def test_fused_torch_graph_equals_the_kv_graph():

@@ -104,6 +104,19 @@ def test_lowering_leaves_the_input_graph_untouched(calib):
     assert gm.code == code
 
 
+def test_auto_accuracy_level_follows_the_cpus_int8_dot_products(monkeypatch):
+    import backends.ort_quant as oq
+
+    monkeypatch.setattr(oq, "cpu_has_int8_dot", lambda: True)
+    assert oq.resolve_accuracy_level("auto") == 4
+    monkeypatch.setattr(oq, "cpu_has_int8_dot", lambda: False)
+    assert oq.resolve_accuracy_level("auto") == 0
+    assert oq.resolve_accuracy_level(2) == 2
+    for bad in ("fast", 5, True):
+        with pytest.raises(ValueError, match="accuracy_level must be 0..4 or 'auto'"):
+            oq.resolve_accuracy_level(bad)
+
+
 def test_lowering_rejects_bad_accuracy_level(calib):
     with pytest.raises(ValueError, match="accuracy_level"):
         lower_for_ort(_quantized("w4a16", calib), accuracy_level=7)
@@ -152,7 +165,7 @@ def test_w8a8_file_is_under_0_3x_of_fp32(tmp_path, calib):
 
 @pytest.mark.slow
 @needs_stories
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic"])
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic", "w4a16"])
 def test_stories260k_ort_perplexity_equals_graph_within_half_percent(scheme, tmp_path):
     from compiler.data import calibration_batches, evaluation_windows
     from compiler.evaluate import perplexity
@@ -161,11 +174,17 @@ def test_stories260k_ort_perplexity_equals_graph_within_half_percent(scheme, tmp
     windows = evaluation_windows("tinystories", STORIES, n_windows=64)
     gm = canonicalize(stories_graph())
     fp32 = perplexity(gm, windows, progress=False).ppl
-    InsertQDQ(scheme=scheme).run(gm, PassContext(
+    # W4A16: down_proj (in-features 172) is not a multiple of the group size: left float
+    spec = {"group_size": 32, "exclude": ["*down_proj"]} if scheme == "w4a16" else {}
+    InsertQDQ(scheme=scheme, **spec).run(gm, PassContext(
         calibration=calibration_batches("tinystories", STORIES, n=32)))
     graph = perplexity(gm, windows, progress=False).ppl
-    ort = perplexity(ORTModel(export_quantized_onnx(gm, tmp_path / "q.onnx")), windows,
+    # W4A16 at the deployment default: MatMulNBits with int8 compute where the CPU has it
+    level = "auto" if scheme == "w4a16" else 0
+    ort = perplexity(ORTModel(export_quantized_onnx(gm, tmp_path / "q.onnx",
+                                                    accuracy_level=level)), windows,
                      progress=False, vocab_size=model.config.vocab_size).ppl
-    # budget for plain W8A8 on this model (full protocol measured +1.4% static, +0.02% dynamic)
-    assert graph <= 1.03 * fp32
+    # budget for each scheme on this model (full protocol measured +1.4% static W8A8, +0.02%
+    # dynamic, +6.7% W4A16 g32)
+    assert graph <= (1.08 if scheme == "w4a16" else 1.03) * fp32
     assert abs(ort / graph - 1) <= 0.005
