@@ -21,6 +21,14 @@ Pipelines:
   divisible by 128; 172 is not divisible by 32 either, so ``down_proj`` is excluded with a
   note), float activations.
 
+- W4 weight-only rounding, LM head float, activations float, ``down_proj`` (in-features 172)
+  left float at groups 32 and 64 (per channel it is quantized: one group of 172 per row, which
+  the fx graph runs but ``MatMulNBits`` cannot, so per-channel rows are graph-only):
+  ``rtn_g32`` / ``rtn_g64`` (= ``w4a16`` at those groups), ``rtn_per_channel``;
+  ``gptq_g32`` / ``gptq_g64`` / ``gptq_per_channel`` / ``gptq_act_order_g32``
+  (``passes/gptq.py``); ``awq_g32`` / ``awq_g64`` (``passes/awq.py``, scales + clipping).
+  With ``--ort`` the grouped ones are also exported (``MatMulNBits``) and run in ORT.
+
 - ``int8_weights_only``: the int8 per-channel weights of ``w8a8`` (insert_qdq's own rounding,
   LM head left float as there), activations float: the floor every W8A8 pipeline starts from.
 
@@ -74,7 +82,41 @@ def pipelines() -> dict[str, list]:
         "rptq+cluster_w8a8": [RPTQReorder(clusters=4), InsertQDQClusters()],
         "w4a16": [InsertQDQ(scheme="w4a16", group_size=32, exclude=["*down_proj"])],
         "int8_weights_only": [Int8WeightsOnly()],
+        **w4_pipelines(),
     }
+
+
+def w4_pipelines() -> dict[str, list]:
+    """RTN / GPTQ / AWQ at W4 (issue 13's table), ``down_proj`` float at groups 32 and 64."""
+    from passes.awq import AWQ
+    from passes.gptq import GPTQ
+
+    keep = {"exclude": ["*down_proj"]}
+    return {
+        "rtn_g32": [InsertQDQ(scheme="w4a16", group_size=32, **keep)],
+        "rtn_g64": [InsertQDQ(scheme="w4a16", group_size=64, **keep)],
+        "rtn_per_channel": [RTNPerChannel()],
+        "gptq_g32": [GPTQ(group_size=32, **keep)],
+        "gptq_g64": [GPTQ(group_size=64, **keep)],
+        "gptq_per_channel": [GPTQ(group_size=-1)],
+        "gptq_act_order_g32": [GPTQ(group_size=32, act_order=True, **keep)],
+        "awq_g32": [AWQ(group_size=32, **keep)],
+        "awq_g64": [AWQ(group_size=64, **keep)],
+    }
+
+
+class RTNPerChannel:
+    """Asymmetric int4 rounding to nearest, one group per row, in the Q/DQ form GPTQ writes for
+    ``group_size=-1`` (``insert_qdq`` itself offers groups of 32, 64 and 128 only)."""
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
+        from passes.gptq import resolve_weight_spec, select_sites
+        from passes.insert_qdq import insert_qdq
+
+        spec = resolve_weight_spec("rtn", 4, -1, False)
+        todo, _ = select_sites("rtn", gm, spec, include=None, exclude=(), quantize_lm_head=False)
+        insert_qdq(gm, todo, {})
+        gm.recompile()
 
 
 class Int8WeightsOnly:
@@ -97,6 +139,9 @@ class Int8WeightsOnly:
 
 #: pipelines whose activations are int8 (``--ort`` evaluates these in ONNX Runtime too)
 INT8_ACTIVATIONS = ("w8a8", "w8a8_dynamic", "smoothquant+w8a8", "rptq+cluster_w8a8")
+#: W4 pipelines ``--ort`` exports (MatMulNBits); per-channel groups of 172 have no ORT kernel
+W4_ORT = ("rtn_g32", "rtn_g64", "gptq_g32", "gptq_g64", "gptq_act_order_g32", "awq_g32",
+          "awq_g64")
 
 
 def run_pipeline(gm, passes, calib) -> torch.fx.GraphModule:
@@ -116,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--ort", action="store_true",
                     help="also evaluate the int8-activation pipelines in ONNX Runtime")
+    ap.add_argument("--no-outliers", action="store_true", help="skip the outlier variant")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -127,7 +173,8 @@ def main(argv=None) -> int:
     calib = calibration_batches("tinystories", model_dir, n=args.calib)
     names = [n for n in pipelines() if args.only is None or n in args.only]
     rows = []
-    for variant, gm0 in (("stories260K", base), ("stories260K outliers x50", outlier)):
+    variants = (("stories260K", base), ("stories260K outliers x50", outlier))
+    for variant, gm0 in variants[:1] if args.no_outliers else variants:
         ref = None
         for name in names:
             t0 = time.perf_counter()
@@ -135,7 +182,8 @@ def main(argv=None) -> int:
             ppl = perplexity(gm, windows, progress=False).ppl
             ref = ppl if name == "fp32" else ref
             rel = "" if ref is None or name == "fp32" else f"{100 * (ppl / ref - 1):+.2f}%"
-            ort = _ort_perplexity(gm, windows) if args.ort and name in INT8_ACTIVATIONS else None
+            ort = (_ort_perplexity(gm, windows) if args.ort and name in INT8_ACTIVATIONS + W4_ORT
+                   else None)
             rows.append((variant, name, ppl, rel, time.perf_counter() - t0, ort))
             log.warning("%s %s: %.4f %s%s", variant, name, ppl, rel,
                         f" (ORT {ort:.4f}, {100 * (ort / ppl - 1):+.4f}%)" if ort else "")
