@@ -53,7 +53,8 @@ Alpha search (``alpha="auto"``): per site, the alpha whose smoothing gives the c
 int8 outputs (per-channel weights, per-tensor activations over the abs-max range) the least
 expected squared error, from statistics only -- no extra forward pass:
 
-    err(alpha) = sum_j  E[x_j^2] / s_j^2 * ||dW'_:,j||^2  +  min(step^2 / 12, E[x_j^2] / s_j^2) * ||W'_:,j||^2
+    err(alpha) = sum_j  E[x_j^2] / s_j^2 * ||dW'_:,j||^2
+               + min(step^2 / 12, E[x_j^2] / s_j^2) * ||W'_:,j||^2
 
 over the consumers' columns ``j``, with ``W' = W diag(s)``, ``dW'`` its int8 rounding error,
 ``step = max_j max|x_j| / s_j / 127``: the weight term is exact when activation channels are

@@ -10,7 +10,12 @@ import torch
 
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
-from passes.smoothquant import DEFAULT_ALPHA_GRID, SmoothQuant, alpha_search_errors, smoothing_scales
+from passes.smoothquant import (
+    DEFAULT_ALPHA_GRID,
+    SmoothQuant,
+    alpha_search_errors,
+    smoothing_scales,
+)
 from tests.conftest import tiny_graph
 
 
