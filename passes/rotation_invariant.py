@@ -39,7 +39,8 @@ Skips: nothing silently. A residual stream mixing ``layer_norm`` and ``rms_norm`
 the stream this pass does not understand raises :class:`~compiler.errors.PassError` naming the
 node, before anything is mutated.
 
-Preconditions: ``canonical`` (one norm node per norm, GPT-2's Conv1D as linear). Exact.
+Preconditions: ``canonical`` (one norm node per norm, GPT-2's Conv1D as linear), not quantized.
+Exact.
 Establishes ``rotation_invariant``. A second run reports ``modified=False``.
 
 Hyper-parameters: none.
@@ -259,11 +260,13 @@ class RotationInvariant(Pass):
     exact = True
     requires = frozenset({"canonical"})
     establishes = frozenset({"rotation_invariant"})
+    forbids = frozenset({"quantized"})  # folding gains into Q/DQ'd weights would leave their grid
 
     def __init__(self) -> None:
         pass
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        self.check_not_quantized(gm, ctx, "make the stream rotation-invariant before quantizing")
         stats = make_rotation_invariant(gm, probe=ctx.probe_inputs if ctx else None)
         modified = any(stats.values())
         log.info("rotation_invariant: %s", ", ".join(f"{k}={v}" for k, v in stats.items()))
@@ -301,14 +304,16 @@ def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = Non
 
     Returns:
         Counters: ``embeddings_untied``, ``writers_centred``, ``layer_norms_to_rms``,
-        ``gains_folded``, ``biases_folded``.
+        ``norms_rewritten`` (norms made gain-free ``rms_norm``), ``gains_folded`` and
+        ``biases_folded`` (per reading linear), ``embedding_norms_folded``,
+        ``post_norm_writers``.
 
     Raises:
         PassError: the stream mixes norm kinds, or a norm feeds something other than linears.
     """
     stats = {"embeddings_untied": 0, "writers_centred": 0, "layer_norms_to_rms": 0,
-             "gains_folded": 0, "biases_folded": 0, "embedding_norms_folded": 0,
-             "post_norm_writers": 0}
+             "norms_rewritten": 0, "gains_folded": 0, "biases_folded": 0,
+             "embedding_norms_folded": 0, "post_norm_writers": 0}
     rs = residual_stream(gm)
     # decide: norms whose output stays on the stream (read by an add or another norm)
     blocked = [n for n in rs.norms if _stream_users_ok(rs, n)]
@@ -395,6 +400,7 @@ def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = Non
         ir.copy_meta(n, new, created_by="rotation_invariant")
         n.replace_all_uses_with(new)
         gm.graph.erase_node(n)
+        stats["norms_rewritten"] += 1
         if ir.is_op(n, ir.LAYER_NORM):
             stats["layer_norms_to_rms"] += 1
     _finish(gm, probe)

@@ -24,7 +24,8 @@ Nothing is skipped: an op on the stream that is not understood raises ``PassErro
 mutation. The graph is first brought to the rotation-invariant form
 (:mod:`passes.rotation_invariant`, exact) if it is not in it.
 
-Preconditions: ``canonical``; ``calibrated`` (covariance of every norm output). ``SliceGPTRotate``
+Preconditions: ``canonical``; ``calibrated`` (covariance of every norm output); not yet
+quantized (the pass manager rejects it after ``insert_qdq``). ``SliceGPTRotate``
 is exact; ``SliceGPT`` is lossy. Both establish ``rotation_invariant``. A second
 ``SliceGPTRotate`` reports ``modified=False``.
 
@@ -344,12 +345,14 @@ class SliceGPTRotate(Pass):
     exact = True
     requires = frozenset({"canonical", "calibrated"})
     establishes = frozenset({"rotation_invariant"})
+    forbids = frozenset({"quantized"})  # rotating Q/DQ'd weights would mix their grids
 
     def __init__(self, *, basis: str = "global"):
         _check_basis(self.name, basis)
         self.basis = basis
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        self.check_not_quantized(gm, ctx, "rotate before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=None, round_to=1, who=self.name)
 
 
@@ -360,6 +363,7 @@ class SliceGPT(Pass):
     exact = False
     requires = frozenset({"canonical", "calibrated"})
     establishes = frozenset({"rotation_invariant"})
+    forbids = frozenset({"quantized"})
 
     def __init__(self, *, sparsity: float = 0.25, round_to: int = 8, basis: str = "global"):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
@@ -373,6 +377,7 @@ class SliceGPT(Pass):
         self.basis = basis
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        self.check_not_quantized(gm, ctx, "slice before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=self.sparsity,
                               round_to=self.round_to, who=self.name)
 
