@@ -53,6 +53,48 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
                   max_position_embeddings=512),
 }
 
+# More decoder-only families for the family matrix (tests/compiler/test_families.py), one layer
+# each so the matrix stays cheap; kept out of TINY_CONFIGS, which every backend test iterates.
+# The four below the first line each stress one mechanism: ALiBi bias shapes (bloom), an
+# embedding scale on the stream, post-norms and a soft-capped tied LM head (gemma2), parallel
+# attention with a fused multi-query qkv (falcon), post-norms and q/k norms (olmo2).
+MATRIX_CONFIGS: dict[str, dict[str, Any]] = {
+    "bloom": dict(model_type="bloom", hidden_size=64, n_layer=1, n_head=4, vocab_size=256),
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, vocab_size=256, max_position_embeddings=512),
+    "falcon": dict(model_type="falcon", hidden_size=64, num_hidden_layers=1,
+                   num_attention_heads=4, num_kv_heads=2, new_decoder_architecture=True,
+                   parallel_attn=True, bias=False, vocab_size=256),
+    "olmo2": dict(model_type="olmo2", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, eos_token_id=0, pad_token_id=0),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=256,
+                  max_position_embeddings=512),
+    "phi": dict(model_type="phi", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                max_position_embeddings=512),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128,
+                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                        head_dim=16, vocab_size=256, max_position_embeddings=512),
+    "gpt_bigcode": dict(model_type="gpt_bigcode", hidden_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, vocab_size=256, max_position_embeddings=512),
+    "granite": dict(model_type="granite", hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=256, max_position_embeddings=512),
+    "stablelm": dict(model_type="stablelm", hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=256, max_position_embeddings=512),
+    "starcoder2": dict(model_type="starcoder2", hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                       vocab_size=256, max_position_embeddings=512),
+    # refused by rotation_invariant / slicegpt (a written-out LayerNorm, see the README table)
+    "cohere": dict(model_type="cohere", hidden_size=64, intermediate_size=128,
+                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                   vocab_size=256, max_position_embeddings=512),
+}
+
 
 class CausalLMWrapper(torch.nn.Module):
     """``forward(input_ids) -> logits`` around an HF ``*ForCausalLM`` or a plain module."""
@@ -73,11 +115,12 @@ def tiny_config(family: str, **overrides: Any):
     """A transformers config for a tiny random-init model of ``family`` (see TINY_CONFIGS)."""
     from transformers import AutoConfig
 
-    if family not in TINY_CONFIGS:
+    known = {**MATRIX_CONFIGS, **TINY_CONFIGS}
+    if family not in known:
         raise UnsupportedModelError(
-            f"no tiny config for family {family!r}; known: {', '.join(sorted(TINY_CONFIGS))}"
+            f"no tiny config for family {family!r}; known: {', '.join(sorted(known))}"
         )
-    kw = dict(TINY_CONFIGS[family])
+    kw = dict(known[family])
     kw.update(overrides)
     model_type = kw.pop("model_type")
     return AutoConfig.for_model(model_type, **kw)
