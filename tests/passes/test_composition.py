@@ -174,16 +174,18 @@ def _pipeline(gm, specs: list[str], calib, probe):
 def test_slicegpt_then_smoothquant_w8a8_on_outlier_stories260k_within_two_percent():
     # The order of the model card: SliceGPT folds the norm gains (and their outlier channels)
     # into the readers; SmoothQuant must still act on every norm site (a gain of ones) and
-    # bring W8A8 within 2% of SliceGPT alone. Measured: see the README's composition paragraph.
+    # bring W8A8 within 2% of SliceGPT alone. Measured (64 windows of 256 tokens): fp32 4.691,
+    # SliceGPT 10% 8.044, + SmoothQuant + W8A8 8.094 (+0.62%), + W8A8 without SmoothQuant 8.105.
     from compiler.data import calibration_batches, evaluation_windows
     from compiler.evaluate import perplexity
     from compiler.testing import make_outlier_model
+    from passes.canonicalize import canonicalize
+    from tests.conftest import stories_graph
 
     windows = evaluation_windows("tinystories", STORIES, 64)
     calib = calibration_batches("tinystories", STORIES, n=128)
     probe = windows[:2, :32]
-    st = _state("stories260K")
-    base = make_outlier_model(copy.deepcopy(st["base"]))
+    base = make_outlier_model(canonicalize(stories_graph()))
     sliced = copy.deepcopy(base)
     _pipeline(sliced, ["slicegpt(sparsity=0.1)"], calib, probe)
     full = copy.deepcopy(base)
