@@ -61,8 +61,12 @@ from passes.insert_qdq import (
     insert_qdq,
     quantize_weight_per_group,
 )
-from passes.smoothquant import SmoothingSite, _shared_param, find_smoothing_sites, \
-    fold_smoothing_scales
+from passes.smoothquant import (
+    SmoothingSite,
+    _shared_param,
+    find_smoothing_sites,
+    fold_smoothing_scales,
+)
 
 log = logging.getLogger(__name__)
 

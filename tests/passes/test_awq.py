@@ -18,7 +18,6 @@ from passes.canonicalize import canonicalize
 from passes.insert_qdq import InsertQDQ, WeightQuantSpec
 from tests.conftest import STORIES, needs_stories, stories_graph, tiny_graph
 
-qd = torch.ops.quantized_decomposed
 LAYERS = 2
 
 
