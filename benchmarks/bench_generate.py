@@ -63,7 +63,9 @@ median, min and max over the rounds. Speed-ups are > 1 when the first of the pai
 of the model files (``*.onnx`` plus external data) in the folder.
 
 Run: ``python benchmarks/bench_generate.py [--model llama134m|smollm2] [--rounds 5] [--reuse]
-[--workdir out/bench_generate] [--variants ...] [--out results.md]``; ``--smoke`` for the test.
+[--workdir out/bench_generate] [--variants ...] [--out results.md]``; ``--smoke`` for the test;
+``--rounds 0`` only builds (build while the machine is busy, then time on a quiet one with
+``--reuse``).
 Built folders are cached under ``<workdir>/<model>/``; ``--reuse`` keeps any whose recorded
 recipe matches (ours: passes, calibration, accuracy level and a hash of the compiler's sources;
 builder: precision and onnxruntime-genai version); without it every folder is rebuilt. One of our variants that fails to build
@@ -565,7 +567,8 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline", choices=list(VARIANTS), default="builder_fp32")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 128)")
     ap.add_argument("--new", type=int, default=None, help="new tokens (default 128)")
-    ap.add_argument("--rounds", type=int, default=None, help="timing rounds (default 5)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="timing rounds (default 5); 0 builds the folders and times nothing")
     ap.add_argument("--warmup", type=int, default=1, help="untimed generations per process")
     ap.add_argument("--runs", type=int, default=3, help="timed generations per process")
     ap.add_argument("--threads", type=int, default=2, help="intra_op_num_threads")
@@ -589,6 +592,7 @@ def main(argv=None) -> int:
     if args.child:
         _child(args.child, args.prompt, args.new, args.warmup, args.runs, args.vocab)
         return 0
+    build_only = args.rounds == 0
     args.rounds = args.rounds or (1 if small else 5)
     args.calib = args.calib if args.calib is not None else (2 if small else 32)
     args.calib_seq = args.calib_seq or (32 if small else 512)
@@ -642,6 +646,9 @@ def main(argv=None) -> int:
         return 1
     if args.baseline not in folders:
         args.baseline = next(iter(folders))
+    if build_only:  # --rounds 0: build (e.g. while the machine is busy), time later (--reuse)
+        log.info("built %s; not timed (--rounds 0)", ", ".join(folders))
+        return 1 if failed else 0
 
     res = time_generation(folders, prompt=args.prompt, new=args.new, warmup=args.warmup,
                           runs=args.runs, rounds=args.rounds, vocab=info["vocab_size"])

@@ -166,7 +166,7 @@ def test_w8a8_file_is_under_0_3x_of_fp32(tmp_path, calib):
 @pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic", "w4a16"])
-def test_stories260k_ort_perplexity_equals_graph_within_half_percent(scheme, tmp_path):
+def test_stories260k_ort_perplexity_equals_the_graphs(scheme, tmp_path):
     from compiler.data import calibration_batches, evaluation_windows
     from compiler.evaluate import perplexity
 
@@ -187,4 +187,6 @@ def test_stories260k_ort_perplexity_equals_graph_within_half_percent(scheme, tmp
     # budget for each scheme on this model (full protocol measured +1.4% static W8A8, +0.02%
     # dynamic, +6.7% W4A16 g32)
     assert graph <= (1.08 if scheme == "w4a16" else 1.03) * fp32
-    assert abs(ort / graph - 1) <= 0.005
+    # measured |ORT / graph - 1|: 1.7e-4 static, 8.1e-5 per-token (32 windows), 3.5e-5 W4A16
+    # at accuracy level 4 (64 windows)
+    assert abs(ort / graph - 1) <= 5e-4
