@@ -49,6 +49,7 @@ NOTHING_TO_DO = {
     ("gpt2", "fuse_linears"): "q, k, v are already one linear (c_attn)",
     ("gpt_neox", "fuse_linears"): "q, k, v are already one linear (query_key_value)",
     ("gpt_bigcode", "fuse_linears"): "q, k, v are already one linear (c_attn)",
+    ("phi3", "fuse_linears"): "qkv_proj and gate_up_proj are already fused",
 }
 
 #: (family, pass) -> the construct named in the refusal
@@ -92,9 +93,12 @@ def test_every_exact_pass_is_verified_on_family(family, tmp_path):
         name = spec.split("(")[0]
         if (family, name) in REFUSED:
             with pytest.raises(PassError, match=re.escape(REFUSED[(family, name)])):
-                PassManager([make_pass(spec)]).run(gm, c, report)
+                PassManager([make_pass(spec)], verify=False).run(gm, c, report)
             continue
-        PassManager([make_pass(spec)]).run(gm, c, report)  # raises if the logits moved
+        # raises if the logits moved; graph verification (fake-tensor shape propagation, most of
+        # the cost) on the issue's families, the others rely on the numerical check
+        PassManager([make_pass(spec)], verify=family in ISSUE_FAMILIES,
+                    check_exact=True).run(gm, c, report)
         rec = report.records[-1]
         if (family, name) in NOTHING_TO_DO:
             if rec.modified:
