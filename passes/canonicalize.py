@@ -294,7 +294,8 @@ def convert_matmul_transposed(gm: fx.GraphModule) -> int:
         with gm.graph.inserting_before(last):
             lin = gm.graph.call_function(aten.linear.default, (x, w, bias))
         ir.copy_meta(last, lin, created_by="canonicalize")
-        lin.meta["nn_module_stack"] = n.meta.get("nn_module_stack", last.meta.get("nn_module_stack"))
+        lin.meta["nn_module_stack"] = n.meta.get("nn_module_stack",
+                                                 last.meta.get("nn_module_stack"))
         last.replace_all_uses_with(lin)
     gm.graph.eliminate_dead_code()
     return len(matches)

@@ -41,7 +41,8 @@ EXACT = {
 
 #: (family, pass) -> why the pass finds nothing to do (it must then report modified=False)
 NOTHING_TO_DO = {
-    ("bloom", "simplify_mask"): "attention is baddbmm + ALiBi bias, not scaled_dot_product_attention",
+    ("bloom", "simplify_mask"): "attention is baddbmm + ALiBi bias, not "
+                                "scaled_dot_product_attention",
     ("bloom", "fuse_linears"): "q, k, v are already one linear (query_key_value)",
     ("gemma2", "simplify_mask"): "soft-capped attention is matmul + tanh + softmax, not "
                                  "scaled_dot_product_attention",

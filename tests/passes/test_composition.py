@@ -45,7 +45,8 @@ PASSES = {
         v for k, v in s.items() if k.endswith("_removed") and k.split("_")[0] in
         ("mlp", "heads", "kv", "hidden", "attention"))),
     "insert_qdq": ("insert_qdq(scheme='w8a8')",
-                   lambda s, gm: round(s.get("linears_quantized", 0) / max(_linears(gm) - 1, 1), 3)),
+                   lambda s, gm: round(s.get("linears_quantized", 0)
+                                       / max(_linears(gm) - 1, 1), 3)),
 }
 
 #: (A, B): accepted by the pass manager, yet B does nothing after A. Each entry is a known gap
