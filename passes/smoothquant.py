@@ -38,8 +38,8 @@ the channel groups analysis (shapes and structure are unchanged) unless it gave 
 (a new group member), not activation statistics.
 With a fixed alpha a second run finds ``s = 1`` everywhere
 (``max|X/s|^a / max|W s|^(1-a) = s / s``) and reports ``modified=False`` (scales within
-``1e-5`` of 1 are treated as 1); with ``alpha="auto"`` a second run may pick other alphas and
-smooth again (still exact).
+``1e-5`` of 1 are treated as 1); with ``alpha="auto"`` the pass records the sites it smoothed
+(``gm.meta["smoothquant_searched"]``) and a second run leaves them alone.
 
 Hyper-parameters:
     alpha (float or "auto", default "auto"): migration strength in [0, 1]; 0 leaves activations
@@ -538,7 +538,14 @@ class SmoothQuant(Pass):
         # second run sees s = 1 everywhere.
         plans = []
         chosen: list[float] = []
+        # alpha="auto" remembers the sites it smoothed, so a second run is a no-op as with a
+        # fixed alpha (where s = 1 follows from the formula)
+        searched = gm.meta.setdefault("smoothquant_searched", {}) if auto else {}
         for s in reversed(todo):
+            if s.site in searched:
+                notes.append(f"{s.site}: already smoothed (alpha {searched[s.site]:g} from a "
+                             "search)")
+                continue
             weights = _consumer_weights(gm, s)
             wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
             alpha = self.alpha
@@ -548,6 +555,7 @@ class SmoothQuant(Pass):
                                            s.channel_of, s.width, self.alpha_grid)
                 alpha = self.alpha_grid[int(torch.argmin(errs))]
                 chosen.append(alpha)
+                searched[s.site] = alpha
                 notes.append(f"{s.site}: alpha {alpha:g} (search over {len(self.alpha_grid)}; "
                              f"error {float(errs.min()):.3g} vs {float(errs[-1]):.3g} at "
                              f"alpha {self.alpha_grid[-1]:g})")

@@ -70,6 +70,17 @@ def test_alpha_search_on_a_tiny_llama_is_exact_and_reported():
     assert fixed.stats["alpha"] == 0.5 and not any(": alpha " in n for n in fixed.notes)
 
 
+def test_a_second_auto_run_is_a_no_op_even_on_a_copy():
+    gm = canonicalize(tiny_graph("llama"))
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 100, (2, 16), generator=g) for _ in range(2)]
+    first = SmoothQuant().run(gm, PassContext(calibration=calib))
+    assert first.modified
+    again = SmoothQuant().run(copy.deepcopy(first.gm), PassContext(calibration=calib))
+    assert not again.modified
+    assert sum("already smoothed" in n for n in again.notes) == first.stats["sites_smoothed"]
+
+
 def test_a_one_point_grid_is_that_fixed_alpha():
     gm = canonicalize(tiny_graph("llama"))
     g = torch.Generator().manual_seed(0)
