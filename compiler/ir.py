@@ -103,7 +103,8 @@ def block_indices(graph: fx.Graph | fx.GraphModule) -> dict[fx.Node, int | None]
     it until the next attention join it (Llama: attention + MLP; parallel attention: one
     segment; a family with no attention: one block per segment). Transparent steps between
     segments belong to the block before them; those before the first and after the last
-    segment (embedding, final norm, LM head) to none. A node outside the stream's data flow
+    segment (embedding, final norm, LM head) to none, except dtype casts right before a segment
+    that opens a block (that block's input conversion). A node outside the stream's data flow
     (a parameter, a constant, a position table, a mask) belongs to a block when every reader
     of it does (shared ones, like the causal mask, to none).
 
@@ -205,15 +206,26 @@ def block_indices(graph: fx.Graph | fx.GraphModule) -> dict[fx.Node, int | None]
     block = -1
     block_of_region: dict[int, int] = {}
     any_attention = any(op_name(m) in _ATTENTION for i in branch for m in members.get(i, ()))
+    opens = [k == 0 or not any_attention or any(op_name(m) in _ATTENTION
+                                                 for m in members.get(i, ()))
+             for k, i in enumerate(branch)]
+    j = branch[0] - 1  # the first block's input conversion
+    while j > 0 and op_name(chain[j]) in _CASTS:
+        block_of_region[j] = 0
+        j -= 1
     for k, i in enumerate(branch):
-        has_attn = any(op_name(m) in _ATTENTION for m in members.get(i, ()))
-        if block < 0 or has_attn or not any_attention:
+        if opens[k]:
             block += 1
         block_of_region[i] = block
-        # transparent steps up to the next branch belong to this block
+        # transparent steps up to the next branch belong to this block, except the dtype casts
+        # right before a branch that opens the next block: that block's input conversion
         stop = branch[k + 1] if k + 1 < len(branch) else i + 1
+        lead = stop
+        if k + 1 < len(branch) and opens[k + 1]:
+            while lead - 1 > i and op_name(chain[lead - 1]) in _CASTS:
+                lead -= 1
         for j in range(i + 1, stop):
-            block_of_region[j] = block
+            block_of_region[j] = block + (j >= lead)
     for n, r in region.items():
         out[n] = block_of_region.get(r)
     # nodes off the stream's data flow: the block of their readers, when they all agree
@@ -224,6 +236,9 @@ def block_indices(graph: fx.Graph | fx.GraphModule) -> dict[fx.Node, int | None]
         if len(blocks) == 1:
             out[n] = blocks.pop()
     return out
+
+
+_CASTS = {"to", "_to_copy", "clone", "alias", "contiguous", "type_as"}
 
 
 def _carries_data(node: fx.Node) -> bool:
