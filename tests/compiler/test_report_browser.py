@@ -78,7 +78,8 @@ def test_smoothquant_w8a8_report_renders_with_channel_maxima_and_marked_graphs(r
         h = _headings(b)
         assert h[:2] == ["Passes", "Perplexity per pass"]
         assert [x for x in h if x[0].isdigit()] == [
-            "1. canonicalize()", "2. smoothquant()", "3. insert_qdq(scheme=w8a8, symmetric=True)"]
+            "1. canonicalize()", "2. smoothquant(alpha=0.5)",
+            "3. insert_qdq(scheme=w8a8, symmetric=True)"]
         assert h.count("Block graph") == 3 and "Quantization error" in h
         # every pass has its block graph with the change marked
         for i in (1, 2, 3):
