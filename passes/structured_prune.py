@@ -170,6 +170,7 @@ class StructuredPrune(Pass):
 
     name = "structured_prune"
     exact = False
+    forbids = frozenset({"quantized"})  # after Q/DQ every group is opaque: nothing to prune
 
     def __init__(
         self,
@@ -242,6 +243,7 @@ class StructuredPrune(Pass):
     # ------------------------------------------------------------------ run
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
+        self.check_not_quantized(gm, ctx, "prune before quantizing")
         ctx = ctx or PassContext()
         decision = self.decide(gm, ctx)
         ctx.extra["structured_prune"] = decision
