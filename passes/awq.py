@@ -58,8 +58,8 @@ from passes.insert_qdq import (
     QuantAnnotation,
     WeightQuantSpec,
     _patterns,
-    insert_qdq,
     quantize_weight_per_group,
+    rewrite_sites,
 )
 from passes.smoothquant import (
     SmoothingSite,
@@ -341,14 +341,8 @@ class AWQ(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, linears_quantized=0)
         # mutate: round to nearest in insert_qdq's form
-        bytes_before = ir.param_bytes(gm)
-        stats = insert_qdq(gm, todo, {})
-        gm.graph.eliminate_dead_code()
-        stats["params_removed"] = ir.remove_unused_attrs(gm)
-        gm.graph.lint()
-        gm.recompile()
-        stats.update(sites_scaled=len(visitor.scaled), linears_clipped=visitor.clipped,
-                     param_bytes_before=bytes_before, param_bytes_after=ir.param_bytes(gm))
+        stats = rewrite_sites(gm, todo, {})
+        stats.update(sites_scaled=len(visitor.scaled), linears_clipped=visitor.clipped)
         notes += [f"{site}: scaled, alpha {a:.2f}" for site, a in visitor.scaled]
         log.info("awq(group_size=%d): %d tensors scaled, %d linears clipped, %d rounded",
                  self.group_size, len(visitor.scaled), visitor.clipped,

@@ -66,9 +66,9 @@ from passes.insert_qdq import (
     WeightQuantSpec,
     _patterns,
     annotate_linears,
-    insert_qdq,
     quantize_weight_per_channel,
     quantize_weight_per_group,
+    rewrite_sites,
 )
 
 log = logging.getLogger(__name__)
@@ -355,17 +355,11 @@ class GPTQ(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, linears_quantized=0)
         # mutate
-        bytes_before = ir.param_bytes(gm)
-        stats = insert_qdq(gm, todo, {}, weight_qparams=visitor.qparams)
-        gm.graph.eliminate_dead_code()
-        stats["params_removed"] = ir.remove_unused_attrs(gm)
-        gm.graph.lint()
-        gm.recompile()
-        stats["param_bytes_before"] = bytes_before
-        stats["param_bytes_after"] = ir.param_bytes(gm)
+        stats = rewrite_sites(gm, todo, {}, weight_qparams=visitor.qparams)
         log.info("gptq(bits=%d, group_size=%d%s): %d linears rounded; params %d -> %d bytes",
                  self.bits, self.group_size, ", act_order" if self.act_order else "",
-                 stats["linears_quantized"], bytes_before, stats["param_bytes_after"])
+                 stats["linears_quantized"], stats["param_bytes_before"],
+                 stats["param_bytes_after"])
         return PassResult(gm, True, frozenset(), stats, notes)
 
 

@@ -556,23 +556,16 @@ class InsertQDQ(Pass):
         scales, report = self._activation_scales(gm, ctx, todo)
         notes += report
         todo = [a for a in todo if a.quantized]  # sensitive sites kept float are skipped now
-        bytes_before = ir.param_bytes(gm)
 
         # mutate
-        stats = insert_qdq(gm, todo, scales)
-        gm.graph.eliminate_dead_code()
-        stats["params_removed"] = ir.remove_unused_attrs(gm)
-        gm.graph.lint()
-        gm.recompile()
-        stats["param_bytes_before"] = bytes_before
-        stats["param_bytes_after"] = ir.param_bytes(gm)
+        stats = rewrite_sites(gm, todo, scales)
         if self._spec.activation is not None and self._spec.activation.mode == "static":
             stats["act_range"] = self.act_range
             stats["kept_sensitive"] = getattr(self, "_kept", 0)
         log.info(
             "insert_qdq(%s): %d linears, %d embeddings quantized; params %d -> %d bytes",
             self.scheme, stats["linears_quantized"], stats["embeddings_quantized"],
-            bytes_before, stats["param_bytes_after"],
+            stats["param_bytes_before"], stats["param_bytes_after"],
         )
         return PassResult(gm, True, frozenset(), stats, notes)
 
@@ -638,6 +631,24 @@ def _patterns(value, what: str) -> tuple[str, ...]:
     if not all(isinstance(p, str) and p for p in value):
         raise TypeError(f"insert_qdq: {what} must be a list of site patterns, got {value!r}")
     return value
+
+
+def rewrite_sites(
+    gm: fx.GraphModule, annotations: Sequence[QuantAnnotation], act_scales: dict[str, float],
+    weight_qparams: dict[str, tuple] | None = None,
+) -> dict[str, int]:
+    """:func:`insert_qdq`, then drop the dead float weights and recompile; the stats gain
+    ``params_removed`` and ``param_bytes_before`` / ``param_bytes_after`` (what every pass that
+    ends in Q/DQ, ``insert_qdq``, ``gptq`` and ``awq``, reports)."""
+    before = ir.param_bytes(gm)
+    stats = insert_qdq(gm, annotations, act_scales, weight_qparams)
+    gm.graph.eliminate_dead_code()
+    stats["params_removed"] = ir.remove_unused_attrs(gm)
+    gm.graph.lint()
+    gm.recompile()
+    stats["param_bytes_before"] = before
+    stats["param_bytes_after"] = ir.param_bytes(gm)
+    return stats
 
 
 def insert_qdq(
