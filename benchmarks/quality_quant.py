@@ -110,8 +110,7 @@ class RTNPerChannel:
     ``group_size=-1`` (``insert_qdq`` itself offers groups of 32, 64 and 128 only)."""
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
-        from passes.gptq import resolve_weight_spec, select_sites
-        from passes.insert_qdq import insert_qdq
+        from compiler.qdq import insert_qdq, resolve_weight_spec, select_sites
 
         spec = resolve_weight_spec("rtn", 4, -1, False)
         todo, _ = select_sites("rtn", gm, spec, include=None, exclude=(), quantize_lm_head=False)
@@ -121,12 +120,12 @@ class RTNPerChannel:
 
 class Int8WeightsOnly:
     """Round every linear weight but the LM head's to int8 per output channel, exactly as
-    ``insert_qdq(scheme=w8a8)`` does (``passes.insert_qdq.quantize_weight_per_channel``), and
+    ``insert_qdq(scheme=w8a8)`` does (``compiler.qdq.quantize_weight_per_channel``), and
     store it dequantized: activations stay float."""
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         from compiler import ir
-        from passes.insert_qdq import WeightQuantSpec, quantize_weight_per_channel
+        from compiler.qdq import WeightQuantSpec, quantize_weight_per_channel
 
         spec = WeightQuantSpec(bits=8, group_size=None, symmetric=True)
         for n in ir.nodes_of(gm, ir.LINEAR):

@@ -84,6 +84,18 @@ def _logits_of(out: Any) -> torch.Tensor:
     return torch.as_tensor(out)
 
 
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``, differentiable.
+
+    The training-side counterpart of :func:`perplexity` (same targets), for passes that take
+    gradients of the language-model loss (``structured_prune``'s Taylor scores, ``lora``).
+    """
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           ids[:, 1:].reshape(-1))
+
+
 def perplexity(model_fn: Callable[[torch.Tensor], Any], windows: torch.Tensor, *,
                batch_size: int = 8, progress: bool = True,
                vocab_size: int | None = None) -> PerplexityResult:

@@ -407,6 +407,34 @@ def param_node(node: fx.Node | None) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def is_shared_param(gm: fx.GraphModule, p: fx.Node, user: fx.Node) -> bool:
+    """True if the parameter behind ``p`` is read by any op other than ``user`` (through any
+    ``get_attr`` of the same target), so rewriting it for ``user`` would change the others."""
+    target = str(p.target)
+    for n in iter_get_attrs(gm):
+        if str(n.target) == target and any(u is not user for u in n.users):
+            return True
+    return False
+
+
+def untie_embeddings(gm: fx.GraphModule) -> int:
+    """Give each embedding that shares its table with another reader (a tied LM head) a private
+    copy; returns how many were untied."""
+    # decide
+    todo = []
+    for n in gm.graph.nodes:
+        if is_op(n, EMBEDDING):
+            w = n.args[0]
+            if isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) > 1:
+                todo.append((n, w))
+    # mutate
+    for emb, w in todo:
+        path = module_path(emb) or "embedding"
+        copy = add_param(gm, f"{path}.weight_untied", get_param(gm, w).clone(), before=emb)
+        emb.replace_input_with(w, copy)
+    return len(todo)
+
+
 def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None]:
     """(input, weight get_attr, bias get_attr or None) of an ``aten.linear`` node."""
     x, w = node.args[0], node.args[1]

@@ -52,21 +52,19 @@ from torch import fx
 from compiler import ir
 from compiler.blockwise import Block, BlockRunner, BlockVisitor, run_blockwise
 from compiler.depgraph import ChannelGroupsAnalysis
+from compiler.ir import is_shared_param as _shared_param
 from compiler.pass_base import Pass, PassContext, PassResult
-from passes.gptq import dequantize, resolve_weight_spec, select_sites
-from passes.insert_qdq import (
+from compiler.qdq import (
     QuantAnnotation,
     WeightQuantSpec,
-    _patterns,
     quantize_weight_per_group,
+    resolve_weight_spec,
     rewrite_sites,
+    select_sites,
 )
-from passes.smoothquant import (
-    SmoothingSite,
-    _shared_param,
-    find_smoothing_sites,
-    fold_smoothing_scales,
-)
+from compiler.qdq import dequantize_weight as dequantize
+from compiler.qdq import site_patterns as _patterns
+from passes.smoothquant import SmoothingSite, find_smoothing_sites, fold_smoothing_scales
 
 log = logging.getLogger(__name__)
 

@@ -36,6 +36,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.ir import untie_embeddings  # public here since canonicalize first offered it
 from compiler.pass_base import Pass, PassContext, PassResult
 
 log = logging.getLogger(__name__)
@@ -375,23 +376,6 @@ def index_to_slice(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()
     return len(slices) + len(expands)
-
-
-def untie_embeddings(gm: fx.GraphModule) -> int:
-    """Give each embedding that shares its table with another reader a private copy."""
-    # decide
-    todo = []
-    for n in gm.graph.nodes:
-        if ir.is_op(n, aten.embedding.default):
-            w = n.args[0]
-            if isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) > 1:
-                todo.append((n, w))
-    # mutate
-    for emb, w in todo:
-        path = ir.module_path(emb) or "embedding"
-        copy = ir.add_param(gm, f"{path}.weight_untied", ir.get_param(gm, w).clone(), before=emb)
-        emb.replace_input_with(w, copy)
-    return len(todo)
 
 
 __all__ = [

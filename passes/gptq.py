@@ -15,7 +15,7 @@ update). ``H`` is damped, ``H + damp * mean(diag H) I``; columns no token touche
 Quantization grid (the form ``insert_qdq(scheme=w4a16)`` writes, so the ORT ``MatMulNBits``
 and Triton W4A16 lowerings apply unchanged): int4 values held in int8 in [-8, 7], one scale (and
 zero point unless ``sym``) per ``group_size`` consecutive input channels of each row, computed
-with :func:`passes.insert_qdq.quantize_weight_per_group` on the *current* (already updated)
+with :func:`compiler.qdq.quantize_weight_per_group` on the *current* (already updated)
 weights when the sweep reaches the group's first column; ``group_size=-1``: one group per row
 (computed once before the sweep). ``act_order``: columns are swept by decreasing ``H_jj``; the
 groups stay contiguous in the original column order and their grids are computed from the
@@ -27,10 +27,10 @@ Calibration is block by block (:mod:`compiler.blockwise`): ``H`` of each linear 
 its real inputs in the model whose earlier blocks are already quantized; the block is then
 rounded and re-run to produce the next block's inputs.
 
-Sites rewritten: as :func:`passes.insert_qdq.annotate` decides for ``scheme=w4a16`` (every
-``aten.linear`` with a parameter weight, ``include``/``exclude`` patterns, the LM head only with
-``quantize_lm_head``). Linears outside the decoder blocks and the epilogue (e.g. a projection
-beside the embedding) are left float with a note.
+Sites rewritten: as :func:`compiler.qdq.select_sites` decides (``insert_qdq(scheme=w4a16)``'s
+annotation: every ``aten.linear`` with a parameter weight, ``include``/``exclude`` patterns,
+the LM head only with ``quantize_lm_head``). Linears outside the decoder blocks and the
+epilogue (e.g. a projection beside the embedding) are left float with a note.
 
 Preconditions: ``canonical``, ``calibrated``; the graph must not hold Q/DQ nodes yet (a
 ``PreconditionError`` names the passes run so far). Establishes ``quantized``. Lossy. Preserves
@@ -55,104 +55,26 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from compiler import ir
 from compiler.blockwise import Block, BlockRunner, BlockVisitor, run_blockwise
-from compiler.errors import PassError, PreconditionError
+from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
-from passes.insert_qdq import (
-    GROUP_SIZES,
+from compiler.qdq import (
     QuantAnnotation,
-    SchemeSpec,
     WeightQuantSpec,
-    _patterns,
-    annotate_linears,
+    dequantize_weight,
     quantize_weight_per_channel,
     quantize_weight_per_group,
+    resolve_weight_spec,
     rewrite_sites,
+    select_sites,
+    site_patterns,
 )
 
 log = logging.getLogger(__name__)
 qd = torch.ops.quantized_decomposed
 
-#: group_size value meaning one group per output row
-PER_CHANNEL = -1
 #: columns per lazy batch update (the paper's B)
 LAZY_BATCH = 128
-
-
-# ----------------------------------------------------------------------------- options
-
-
-def resolve_weight_spec(who: str, bits, group_size, sym) -> WeightQuantSpec:
-    """Validate ``bits`` / ``group_size`` / ``sym`` and return the spec (``group_size`` None for
-    int8 per channel, -1 kept for "one group per row", resolved per site).
-
-    Raises:
-        ValueError: a bit width or group size the int4/int8 kernels cannot run.
-    """
-    if isinstance(bits, bool) or bits not in (4, 8):
-        raise ValueError(f"{who}: bits must be 4 or 8 (the int4 MatMulNBits / W4A16 kernels and "
-                         f"int8 weights), got {bits!r}")
-    if sym is not None and not isinstance(sym, bool):
-        raise ValueError(f"{who}: sym must be a bool, got {sym!r}")
-    if isinstance(group_size, bool) or group_size not in (*GROUP_SIZES, PER_CHANNEL):
-        raise ValueError(f"{who}: group_size must be one of {GROUP_SIZES} or -1 (one group per "
-                         f"row), got {group_size!r}")
-    if bits == 8:
-        if group_size != PER_CHANNEL:
-            raise ValueError(f"{who}: 8-bit weights are quantized per output channel (the int8 form "
-                             f"the kernels run); use group_size=-1, got {group_size!r}")
-        if sym is False:
-            raise ValueError(f"{who}: 8-bit weights are symmetric per output channel; "
-                             "sym=False is only supported for 4 bits")
-        return WeightQuantSpec(8, None, True)
-    return WeightQuantSpec(4, group_size, bool(sym))
-
-
-def site_spec(spec: WeightQuantSpec, in_features: int) -> WeightQuantSpec:
-    """The spec for one linear: ``group_size=-1`` becomes the row length."""
-    if spec.group_size == PER_CHANNEL:
-        return WeightQuantSpec(spec.bits, in_features, spec.symmetric)
-    return spec
-
-
-def select_sites(who: str, gm: fx.GraphModule, spec: WeightQuantSpec, *, include, exclude,
-                 quantize_lm_head: bool) -> tuple[list[QuantAnnotation], list[str]]:
-    """Annotate linears as ``insert_qdq`` would and resolve per-site specs. Pure.
-
-    Returns:
-        ``(annotations to quantize, notes for skipped sites)``.
-
-    Raises:
-        PreconditionError: a group size that does not divide a site's in_features, or a weight
-            that is not a 2-D float tensor (the message names the site).
-    """
-    anns = annotate_linears(gm, SchemeSpec("w4a16", spec), include=include, exclude=exclude,
-                            quantize_lm_head=quantize_lm_head)
-    todo = [a for a in anns if a.quantized]
-    notes = [f"{a.site}: skipped, {a.skip}" for a in anns if not a.quantized]
-    for a in todo:
-        w = ir.get_param(gm, a.node.args[1])
-        if w.dim() != 2 or not w.is_floating_point():
-            raise PreconditionError(f"{who}: site {a.site}: weight must be a 2-D float tensor, got "
-                                    f"{w.dtype} {tuple(w.shape)}")
-        a.weight = site_spec(spec, w.shape[1])
-        g = a.weight.group_size
-        if g is not None and w.shape[1] % g:
-            raise PreconditionError(
-                f"{who}: site {a.site}: group_size {g} does not divide in_features {w.shape[1]}; "
-                "choose a group size dividing it, group_size=-1, or exclude the site")
-    return todo, notes
-
-
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None,
-               spec: WeightQuantSpec) -> torch.Tensor:
-    """The float weight the graph's dequantize op computes from ``(q, scale, zp)`` (bitwise)."""
-    if spec.group_size is None:
-        return qd.dequantize_per_channel.default(q, scale, None, 0, spec.qmin, spec.qmax,
-                                                 torch.int8)
-    return qd.dequantize_per_channel_group.default(q, scale, zp, spec.qmin, spec.qmax, torch.int8,
-                                                   spec.group_size, torch.float32)
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -215,7 +137,7 @@ def gptq_quantize(w: torch.Tensor, xtx: torch.Tensor, spec: WeightQuantSpec, *,
 
     Returns:
         ``(W_q int8 [out, in], scale, zero_point | None)`` in the layout of
-        :func:`passes.insert_qdq.quantize_weight_per_group` (``scale [out]`` for int8).
+        :func:`compiler.qdq.quantize_weight_per_group` (``scale [out]`` for int8).
     """
     out_f, in_f = w.shape
     W = w.detach().to(torch.float64).clone()
@@ -294,7 +216,7 @@ class _GPTQVisitor(BlockVisitor):
                                      act_order=self.p.act_order, site=a.site,
                                      tokens=self.count[n.args[0]])
             self.qparams[a.site] = (q, s, zp)
-            runner.overrides[target] = dequantize(q, s, zp, a.weight).to(w.dtype)
+            runner.overrides[target] = dequantize_weight(q, s, zp, a.weight).to(w.dtype)
             self.done.add(n)
             log.debug("gptq: %s rounded (%d tokens)", a.site, self.count[n.args[0]])
         for x in {n.args[0] for n in block.linears()}:
@@ -333,8 +255,8 @@ class GPTQ(Pass):
         self.act_order = act_order
         self.damp = float(damp)
         self.sym = self._spec.symmetric
-        self.include = _patterns(include, "include") if include is not None else None
-        self.exclude = _patterns(exclude, "exclude")
+        self.include = site_patterns(include, "include") if include is not None else None
+        self.exclude = site_patterns(exclude, "exclude")
         self.quantize_lm_head = quantize_lm_head
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
@@ -355,7 +277,7 @@ class GPTQ(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, linears_quantized=0)
         # mutate
-        stats = rewrite_sites(gm, todo, {}, weight_qparams=visitor.qparams)
+        stats = rewrite_sites(gm, todo, {}, weight_qparams=visitor.qparams, created_by=self.name)
         log.info("gptq(bits=%d, group_size=%d%s): %d linears rounded; params %d -> %d bytes",
                  self.bits, self.group_size, ", act_order" if self.act_order else "",
                  stats["linears_quantized"], stats["param_bytes_before"],
@@ -363,5 +285,4 @@ class GPTQ(Pass):
         return PassResult(gm, True, frozenset(), stats, notes)
 
 
-__all__ = ["GPTQ", "PER_CHANNEL", "dequantize", "gptq_quantize", "hessian_inverse_factor",
-           "resolve_weight_spec", "select_sites", "site_spec"]
+__all__ = ["GPTQ", "gptq_quantize", "hessian_inverse_factor"]

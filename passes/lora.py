@@ -41,8 +41,8 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.evaluate import next_token_loss
 from compiler.pass_base import Pass, PassContext, PassResult
-from passes.structured_prune import next_token_loss
 
 log = logging.getLogger(__name__)
 

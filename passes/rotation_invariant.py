@@ -57,9 +57,9 @@ from torch import fx
 from compiler import ir
 from compiler.depgraph import ChannelGroup, build_channel_groups
 from compiler.errors import PassError, PreconditionError
+from compiler.ir import untie_embeddings
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.pass_manager import propagate_shapes
-from passes.canonicalize import untie_embeddings
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten

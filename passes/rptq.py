@@ -58,13 +58,14 @@ from compiler import ir
 from compiler.depgraph import ChannelGroup, ChannelGroupsAnalysis
 from compiler.errors import PassError, PreconditionError
 from compiler.pass_base import Pass, PassContext, PassResult
-from passes.insert_qdq import (
+from compiler.qdq import (
     ActQuantSpec,
     WeightQuantSpec,
     activation_scale,
     is_dequantized,
     is_lm_head,
     quantize_weight_per_channel,
+    set_qdq_meta,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ qd = torch.ops.quantized_decomposed
 
 #: ``gm.meta`` key of the recorded cluster boundaries (site -> offsets)
 CLUSTERS_META = "fxcompress_clusters"
+#: the pass recorded on the nodes :class:`InsertQDQClusters` creates
+_CREATED_BY = "insert_qdq_clusters"
 
 
 # ----------------------------------------------------------------------------- clustering
@@ -303,8 +306,6 @@ class InsertQDQClusters(Pass):
 def _split_linear(gm: fx.GraphModule, n: fx.Node, offsets: list[int], scales: list[float],
                   spec: WeightQuantSpec, act: ActQuantSpec, cache: dict) -> int:
     """Replace ``n`` by a sum of per-cluster int8 linears; returns the number of parts."""
-    from passes.insert_qdq import _set_meta
-
     g = gm.graph
     x, w, b = ir.linear_parts(n)
     q, wscale = quantize_weight_per_channel(ir.get_param(gm, w), spec)  # W: [out, in]
@@ -324,28 +325,24 @@ def _split_linear(gm: fx.GraphModule, n: fx.Node, offsets: list[int], scales: li
                                      (qn, scales[k], 0, act.qmin, act.qmax, torch.int8))
             xval = x.meta.get("val")
             sval = xval[..., a:e] if isinstance(xval, torch.Tensor) else None
-            _set_meta(sl, x, sval)
-            _set_meta(qn, x, sval.to(torch.int8) if sval is not None else None)
-            _set_meta(dq, x, sval)
-            for node in (sl, qn, dq):
-                node.meta["fxcompress_created_by"] = "insert_qdq_clusters"
+            set_qdq_meta(sl, x, sval, created_by=_CREATED_BY)
+            set_qdq_meta(qn, x, sval.to(torch.int8) if sval is not None else None,
+                         created_by=_CREATED_BY)
+            set_qdq_meta(dq, x, sval, created_by=_CREATED_BY)
             cache[key] = dq
         qk = ir.add_param(gm, f"{base}_int8_c{k}", q[:, a:e].contiguous(), before=n)
         with g.inserting_before(n):
             wdq = g.call_function(qd.dequantize_per_channel.default,
                                   (qk, sn, None, 0, spec.qmin, spec.qmax, torch.int8))
             lin = g.call_function(ir.LINEAR, (cache[key], wdq, b if k == 0 else None))
-        _set_meta(wdq, n, None)
-        _set_meta(lin, n, n.meta.get("val"))
-        for node in (wdq, lin):
-            node.meta["fxcompress_created_by"] = "insert_qdq_clusters"
+        set_qdq_meta(wdq, n, None, created_by=_CREATED_BY)
+        set_qdq_meta(lin, n, n.meta.get("val"), created_by=_CREATED_BY)
         parts.append(lin)
     out = parts[0]
     for p in parts[1:]:
         with g.inserting_before(n):
             out = g.call_function(torch.ops.aten.add.Tensor, (out, p))
-        _set_meta(out, n, n.meta.get("val"))
-        out.meta["fxcompress_created_by"] = "insert_qdq_clusters"
+        set_qdq_meta(out, n, n.meta.get("val"), created_by=_CREATED_BY)
     n.replace_all_uses_with(out)
     g.erase_node(n)
     return len(parts)

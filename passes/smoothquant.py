@@ -77,6 +77,7 @@ from compiler import ir
 from compiler.depgraph import ChannelGroups, ChannelGroupsAnalysis
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.qdq import is_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def find_smoothing_sites(gm: fx.GraphModule, groups: ChannelGroups) -> list[Smoo
         One :class:`SmoothingSite` per tensor read by a linear, in graph order; skipped ones
         carry a reason.
     """
-    from passes.insert_qdq import is_lm_head
-
     readers: dict[fx.Node, list[fx.Node]] = {}
     for n in gm.graph.nodes:
         if ir.is_op(n, ir.LINEAR):
@@ -184,7 +183,7 @@ def _decide_norm(gm: fx.GraphModule, s: SmoothingSite) -> None:
     if b is not None and ir.param_node(b) is None:
         s.skip = f"{ir.site(x)}: norm bias is not a parameter"
         return
-    if any(_shared_param(gm, p, x) for p in (w, b) if p is not None):
+    if any(ir.is_shared_param(gm, p, x) for p in (w, b) if p is not None):
         s.skip = f"{ir.site(x)}: norm parameters are also read elsewhere"
         return
     width = x.meta["val"].shape[-1] if w is None else ir.get_param(gm, w).shape[0]
@@ -200,15 +199,6 @@ def _read_outside(gm: fx.GraphModule, p: fx.Node, users: list[fx.Node]) -> bool:
     target = str(p.target)
     return any(u not in users for n in ir.iter_get_attrs(gm) if str(n.target) == target
                for u in n.users)
-
-
-def _shared_param(gm: fx.GraphModule, p: fx.Node, user: fx.Node) -> bool:
-    """True if the parameter behind ``p`` is read by any op other than ``user``."""
-    target = str(p.target)
-    for n in ir.iter_get_attrs(gm):
-        if str(n.target) == target and any(u is not user for u in n.users):
-            return True
-    return False
 
 
 def trace_linear_producer(x: fx.Node) -> tuple[fx.Node | None, str, tuple[int, int] | None]:
@@ -316,7 +306,7 @@ def _decide_linear(gm: fx.GraphModule, groups: ChannelGroups, s: SmoothingSite) 
         s.skip = why
         return
     _, pw, pb = ir.linear_parts(prod)
-    if any(_shared_param(gm, p, prod) for p in (pw, pb) if ir.param_node(p) is not None):
+    if any(ir.is_shared_param(gm, p, prod) for p in (pw, pb) if ir.param_node(p) is not None):
         s.skip = f"producer {ir.site(prod)}: parameters are also read elsewhere"
         return
     g = groups.group_of(str(pw.target), 0)

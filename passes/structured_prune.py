@@ -93,6 +93,7 @@ from compiler.depgraph import (
     build_channel_groups,
 )
 from compiler.errors import PassError
+from compiler.evaluate import next_token_loss  # in __all__: public here before the core had it
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.pass_manager import verify_graph
 
@@ -595,14 +596,6 @@ def taylor_terms(gm: fx.GraphModule, batches: Sequence[torch.Tensor], targets: S
         if second is not None:
             second[t] /= n
     return first, second
-
-
-def next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting ``ids[:, 1:]`` from ``logits[:, :-1]``."""
-    if isinstance(logits, (tuple, list)):
-        logits = logits[0]
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
 
 
 # ============================================================================ surgery

@@ -17,8 +17,9 @@ from backends.ort_quant import (
 from compiler import ir
 from compiler.frontend import load_model, tiny_config, trace
 from compiler.pass_base import PassContext
+from compiler.qdq import WeightQuantSpec, quantize_weight_per_group
 from passes.canonicalize import canonicalize
-from passes.insert_qdq import InsertQDQ, WeightQuantSpec, quantize_weight_per_group
+from passes.insert_qdq import InsertQDQ
 from tests.conftest import STORIES, needs_stories, stories_graph, stories_model, tiny_graph
 
 # ORT vs the fx graph on logits of magnitude ~1: both compute the same integer products; what

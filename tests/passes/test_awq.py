@@ -11,11 +11,12 @@ from compiler import ir
 from compiler.errors import PipelineError, PreconditionError
 from compiler.pass_base import PassContext
 from compiler.pass_manager import verify_graph
+from compiler.qdq import WeightQuantSpec
 from compiler.registry import make_pass
 from compiler.testing import make_outlier_model
 from passes.awq import AWQ, fake_quantize, feeds_attention_scores, search_clip
 from passes.canonicalize import canonicalize
-from passes.insert_qdq import InsertQDQ, WeightQuantSpec
+from passes.insert_qdq import InsertQDQ
 from tests.conftest import STORIES, needs_stories, stories_graph, tiny_graph
 
 LAYERS = 2

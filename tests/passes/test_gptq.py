@@ -9,11 +9,12 @@ from compiler import ir
 from compiler.errors import PassError, PipelineError, PreconditionError
 from compiler.pass_base import PassContext
 from compiler.pass_manager import verify_graph
+from compiler.qdq import WeightQuantSpec, quantize_weight_per_group
 from compiler.registry import make_pass
 from compiler.stats import collect_stats
 from passes.canonicalize import canonicalize
 from passes.gptq import GPTQ, gptq_quantize
-from passes.insert_qdq import InsertQDQ, WeightQuantSpec, quantize_weight_per_group
+from passes.insert_qdq import InsertQDQ
 from tests.conftest import STORIES, needs_stories, stories_graph, tiny_graph
 
 qd = torch.ops.quantized_decomposed

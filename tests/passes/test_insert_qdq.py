@@ -11,8 +11,9 @@ from compiler import ir
 from compiler.errors import PreconditionError
 from compiler.pass_base import PassContext
 from compiler.pass_manager import validate_order, verify_graph
+from compiler.qdq import annotate, annotate_linears, is_lm_head
 from passes.canonicalize import Canonicalize, canonicalize
-from passes.insert_qdq import InsertQDQ, annotate, annotate_linears, is_lm_head
+from passes.insert_qdq import InsertQDQ
 from tests.conftest import tiny_graph, tiny_model
 
 qd = torch.ops.quantized_decomposed

@@ -9,6 +9,7 @@ import torch
 
 from compiler import ir
 from compiler.errors import PreconditionError
+from compiler.evaluate import next_token_loss
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
 from passes.lora import (
@@ -19,7 +20,7 @@ from passes.lora import (
     merge_adapters,
     train_adapters,
 )
-from passes.structured_prune import StructuredPrune, next_token_loss
+from passes.structured_prune import StructuredPrune
 from tests.conftest import tiny_graph
 
 

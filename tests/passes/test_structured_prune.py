@@ -10,9 +10,10 @@ import torch
 from compiler import ir
 from compiler.depgraph import build_channel_groups
 from compiler.errors import PassError, PreconditionError
+from compiler.evaluate import next_token_loss
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
-from passes.structured_prune import StructuredPrune, next_token_loss
+from passes.structured_prune import StructuredPrune
 from tests.conftest import CORE_FAMILIES, needs_stories, stories_graph, tiny_graph
 
 
