@@ -16,6 +16,7 @@ Properties are plain strings. The ones in use:
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -124,32 +125,63 @@ class Analysis:
 
 
 class AnalysisManager:
-    """Caches analysis results per (analysis, key); invalidated by what a pass did not preserve."""
+    """Caches analysis results per graph and (analysis, key); invalidated by what a pass did not
+    preserve.
+
+    A result is kept under the ``fx.Graph`` it was computed on, held weakly (a graph that is
+    gone takes its results with it), so the analysis of one graph is never returned for another:
+    a block's subgraph, a copy of the model, or a GraphModule whose graph was replaced
+    (``gm.graph = ...``) each get their own. With each result the graph's node count is
+    recorded, and a result whose graph has since gained or lost nodes is dropped instead of
+    returned: a guard under a structural rewrite that was not followed by
+    :meth:`invalidate` (a pass asking again in the middle of its own rewrite). A rewrite that
+    keeps the node count (new weights) is covered by invalidation alone: the pass manager calls
+    :meth:`invalidate` with what every pass says it preserved; a pass that changes the graph and
+    asks again within its own run invalidates first.
+    """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple, Any] = {}
+        # graph -> {(analysis name, key items): (node count when computed, value)}
+        self._cache: weakref.WeakKeyDictionary[fx.Graph, dict[tuple, tuple[int, Any]]] = (
+            weakref.WeakKeyDictionary())
         self.hits = 0
         self.misses = 0
         #: computations per analysis name (e.g. calibration runs of ``activation_stats``)
         self.computed: Counter[str] = Counter()
 
     def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
+        """The cached result of ``analysis`` on ``gm``'s graph with ``key``, computed if absent."""
+        graph = gm.graph
+        entries = self._cache.setdefault(graph, {})
         k = (analysis.name, tuple(sorted(key.items())))
-        if k in self._cache:
+        hit = entries.get(k)
+        if hit is not None and hit[0] == len(graph.nodes):
             self.hits += 1
-            return self._cache[k]
+            return hit[1]
+        if hit is not None:
+            log.debug("analysis %s: graph changed from %d to %d nodes since it was computed; "
+                      "recomputing", analysis.name, hit[0], len(graph.nodes))
         self.misses += 1
         self.computed[analysis.name] += 1
         value = analysis.compute(gm, ctx, **key)
-        self._cache[k] = value
+        entries[k] = (len(graph.nodes), value)
         return value
 
-    def invalidate(self, preserved: frozenset[str]) -> None:
+    def cached(self, gm: fx.GraphModule) -> list[str]:
+        """Names of the analyses cached for ``gm``'s graph (one per key), sorted."""
+        return sorted(k[0] for k in self._cache.get(gm.graph, {}))
+
+    def invalidate(self, preserved: frozenset[str], gm: fx.GraphModule | None = None) -> None:
+        """Drop every cached result not named in ``preserved`` (``ALL`` keeps everything), of
+        ``gm``'s graph only when ``gm`` is given, else of every graph."""
         if "*" in preserved:
             return
-        for k in list(self._cache):
-            if k[0] not in preserved:
-                del self._cache[k]
+        graphs = [gm.graph] if gm is not None else list(self._cache.keys())
+        for graph in graphs:
+            entries = self._cache.get(graph, {})
+            for k in list(entries):
+                if k[0] not in preserved:
+                    del entries[k]
 
     def clear(self) -> None:
         self._cache.clear()

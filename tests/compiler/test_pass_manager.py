@@ -251,6 +251,60 @@ def test_analyses_are_cached_and_invalidated_by_what_a_pass_does_not_preserve(pr
     assert CountingAnalysis.calls == 2
 
 
+class GraphOf(Analysis):
+    """Returns the graph it was computed on, so a test sees which graph a cached result is of."""
+
+    name = "graph_of"
+
+    @classmethod
+    def compute(cls, gm, ctx, **key):
+        return gm.graph
+
+
+def test_an_analysis_is_cached_per_graph_never_returned_for_another():
+    import copy
+
+    gm = tiny_graph("llama")
+    twin = copy.deepcopy(gm)  # same structure, same node count, another graph
+    ctx = PassContext()
+    assert ctx.analysis(GraphOf, gm) is gm.graph
+    assert ctx.analysis(GraphOf, twin) is twin.graph
+    assert ctx.analysis(GraphOf, gm) is gm.graph and ctx.analysis(GraphOf, twin) is twin.graph
+    assert (ctx.analyses.hits, ctx.analyses.misses) == (2, 2)
+    # a GraphModule whose graph is replaced is another graph
+    gm.graph = copy.deepcopy(gm.graph)
+    assert ctx.analysis(GraphOf, gm) is gm.graph and ctx.analyses.misses == 3
+    # invalidating one graph's results leaves the other's
+    ctx.analyses.invalidate(frozenset(), gm)
+    assert ctx.analyses.cached(gm) == [] and ctx.analyses.cached(twin) == ["graph_of"]
+
+
+def test_a_cached_analysis_is_recomputed_after_its_graph_changed_structure_unannounced():
+    gm = tiny_graph("llama")
+    ctx = PassContext()
+    CountingAnalysis.calls = 0
+    n = ctx.analysis(CountingAnalysis, gm)
+    lin = ir.nodes_of(gm, torch.ops.aten.linear.default)[0]
+    with gm.graph.inserting_after(lin):
+        neg = gm.graph.call_function(torch.ops.aten.neg.default, (lin,))
+    assert ctx.analysis(CountingAnalysis, gm) == n + 1 and CountingAnalysis.calls == 2
+    gm.graph.erase_node(neg)
+    assert ctx.analysis(CountingAnalysis, gm) == n and CountingAnalysis.calls == 3
+
+
+def test_the_analysis_cache_does_not_keep_a_dead_graph_alive():
+    import gc
+    import weakref
+
+    ctx = PassContext()
+    gm = tiny_graph("llama")
+    ctx.analysis(CountingAnalysis, gm)
+    ref = weakref.ref(gm.graph)
+    del gm
+    gc.collect()
+    assert ref() is None and len(ctx.analyses._cache) == 0
+
+
 def test_a_pass_that_forbids_a_property_is_rejected_after_the_pass_that_establishes_it(probe_ids):
     class Exactish(Pass):
         name = "exactish"
