@@ -5,6 +5,12 @@ GraphModule and the per-pass report, exports ONNX, and saves/loads itself. A sav
 folder with the re-exported program (``program.pt2``), the report and a manifest of SHA-256
 hashes; loading checks every hash first and never unpickles arbitrary objects (``torch.load`` is
 forced to ``weights_only=True`` while the program loads).
+
+This module is the facade over the core (``compiler``'s IR, channel graph, statistics, pass
+contract, pass manager and registry, which import neither ``passes`` nor ``backends``). It
+wires the two in: the built-in passes by their module name (``add_pass_modules("passes")``,
+see :mod:`compiler.registry`), and the backends through :data:`LOWERINGS`, a table from target
+name to the lowering that imports its backend on first use.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +36,13 @@ from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import DumpIR, Instrument, LogitsDrift, PassManager
-from compiler.registry import make_pass
+from compiler.registry import add_pass_modules, make_pass
 from compiler.report import Report
 
 log = logging.getLogger(__name__)
+
+# The built-in passes, imported by the registry on the first name lookup.
+add_pass_modules("passes")
 
 ARTIFACT_FORMAT = "fxcompress-artifact"
 #: 2: report.json holds the per-pass data of the HTML report (``PassRecord.details``)
@@ -101,15 +110,7 @@ class CompiledModel:
         (``backends.ort_quant``: MatMulIntegerToFloat for int8, MatMulNBits for int4); a float
         graph goes straight through ``backends.onnxruntime.export_onnx``.
         """
-        self._check_low_precision_qdq("export_onnx")
-        kwargs.setdefault("example_inputs", self.example_inputs())
-        if ir.is_quantized(self.graph_module):
-            from backends.ort_quant import export_quantized_onnx
-
-            return export_quantized_onnx(self.graph_module, path, **kwargs)
-        from backends.onnxruntime import export_onnx
-
-        return export_onnx(self.graph_module, path, **kwargs)
+        return self.lower("onnx", path, **kwargs)
 
     def kv_cache(self, *, cache_heads: int | None = None):
         """The graph rewritten to carry a KV cache (``compiler.kv_cache``), built once per graph.
@@ -176,34 +177,27 @@ class CompiledModel:
         CPU has int8 dot products, as ORT GenAI's builder does; 0 keeps float compute). Written
         atomically; an existing non-empty folder needs ``overwrite=True``.
         """
-        from backends.genai import export_genai
+        return self.lower("genai", folder, overwrite=overwrite, accuracy_level=accuracy_level,
+                          context_length=context_length, threads=threads, fused=fused)
 
-        self._check_low_precision_qdq("export_genai")
-        kv = self.kv_cache()
-        heads = {layer.kv_heads for layer in kv.layers}
-        if len(heads) > 1:  # pruning left layers with different kv-head counts
-            kv = self.kv_cache(cache_heads=max(heads))
-        return export_genai(kv, folder, config=self.config, tokenizer_dir=self.tokenizer_dir,
-                            overwrite=overwrite, accuracy_level=accuracy_level,
-                            context_length=context_length or self.context_length,
-                            threads=threads, fused=fused)
+    def lower(self, backend: str = "triton", *args: Any, **kwargs: Any) -> Any:
+        """Lower to a backend through the :data:`LOWERINGS` table; returns what it produces.
 
-    def lower(self, backend: str = "triton", **kwargs: Any) -> fx.GraphModule:
-        """Lower to a kernel backend; returns a lowered copy callable as ``input_ids -> logits``.
-
-        ``backend="triton"``: Q/DQ patterns become ``fxcompress::*`` custom ops (W8A8 GEMM with
-        fused scales, W4A16 group-wise GEMM, fused RMSNorm + quantize) that run the Triton
-        kernels on CUDA and the torch references on CPU (``use_kernels=True`` runs the kernels
-        under ``TRITON_INTERPRET=1``). Options: ``device``, ``use_kernels``, ``fuse_norms``.
+        ``backend="triton"``: a lowered copy callable as ``input_ids -> logits``: Q/DQ patterns
+        become ``fxcompress::*`` custom ops (W8A8 GEMM with fused scales, W4A16 group-wise GEMM,
+        fused RMSNorm + quantize) that run the Triton kernels on CUDA and the torch references
+        on CPU (``use_kernels=True`` runs the kernels under ``TRITON_INTERPRET=1``). Options:
+        ``device``, ``use_kernels``, ``fuse_norms``. ``"onnx"`` (a path: :meth:`export_onnx`)
+        and ``"genai"`` (a folder: :meth:`export_genai`) write files and return their path.
 
         Raises:
-            ValueError: unknown backend. TritonLaunchError: CUDA asked for and absent.
+            ValueError: unknown backend (the message lists the known ones).
+            TritonLaunchError: CUDA asked for and absent.
         """
-        if backend == "triton":
-            from backends.triton.lowering import lower as triton_lower
-
-            return triton_lower(self, **kwargs)
-        raise ValueError(f"unknown backend {backend!r} (known: triton; ONNX Runtime: export_onnx)")
+        lowering = LOWERINGS.get(backend)
+        if lowering is None:
+            raise ValueError(f"unknown backend {backend!r} (known: {', '.join(sorted(LOWERINGS))})")
+        return lowering(self, *args, **kwargs)
 
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save the compiled artifact to ``directory`` atomically (program, report, manifest)."""
@@ -273,6 +267,58 @@ class CompiledModel:
         tok = directory if "tokenizer.json" in files else None
         return cls(gm, report, config=config, model_class=manifest.get("model_class", ""),
                    tokenizer_dir=tok)
+
+
+# ----------------------------------------------------------------------------- backends
+# Each lowering imports its backend on first use: ONNX Runtime, onnxruntime-genai and Triton
+# are heavy, and the last two optional.
+
+
+def _lower_onnx(cm: CompiledModel, path: str | os.PathLike, **kwargs: Any) -> Path:
+    """ONNX for ONNX Runtime: a Q/DQ graph through ``backends.ort_quant`` (its integer
+    kernels), a float graph straight through ``backends.onnxruntime``."""
+    cm._check_low_precision_qdq("export_onnx")
+    kwargs.setdefault("example_inputs", cm.example_inputs())
+    if ir.is_quantized(cm.graph_module):
+        from backends.ort_quant import export_quantized_onnx
+
+        return export_quantized_onnx(cm.graph_module, path, **kwargs)
+    from backends.onnxruntime import export_onnx
+
+    return export_onnx(cm.graph_module, path, **kwargs)
+
+
+def _lower_genai(cm: CompiledModel, folder: str | os.PathLike, *, overwrite: bool = False,
+                 accuracy_level: int | str = "auto", context_length: int | None = None,
+                 threads: int | None = None, fused: bool = True) -> Path:
+    """An ONNX Runtime GenAI folder of the KV-cache graph (``backends.genai``)."""
+    from backends.genai import export_genai
+
+    cm._check_low_precision_qdq("export_genai")
+    kv = cm.kv_cache()
+    heads = {layer.kv_heads for layer in kv.layers}
+    if len(heads) > 1:  # pruning left layers with different kv-head counts
+        kv = cm.kv_cache(cache_heads=max(heads))
+    return export_genai(kv, folder, config=cm.config, tokenizer_dir=cm.tokenizer_dir,
+                        overwrite=overwrite, accuracy_level=accuracy_level,
+                        context_length=context_length or cm.context_length,
+                        threads=threads, fused=fused)
+
+
+def _lower_triton(cm: CompiledModel, **kwargs: Any) -> fx.GraphModule:
+    """The graph with its Q/DQ patterns as Triton kernel calls (``backends.triton.lowering``)."""
+    from backends.triton.lowering import lower as triton_lower
+
+    return triton_lower(cm, **kwargs)
+
+
+#: backend (target) name -> lowering ``(compiled model, *args, **options) -> result``; what
+#: :meth:`CompiledModel.lower` dispatches on. A new backend is one entry here.
+LOWERINGS: dict[str, Callable[..., Any]] = {
+    "genai": _lower_genai,
+    "onnx": _lower_onnx,
+    "triton": _lower_triton,
+}
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
@@ -469,4 +515,4 @@ def load(directory: str | os.PathLike) -> CompiledModel:
     return CompiledModel.load(directory)
 
 
-__all__ = ["CompiledModel", "FxCompressError", "compile", "load"]
+__all__ = ["LOWERINGS", "CompiledModel", "FxCompressError", "compile", "load"]

@@ -59,6 +59,7 @@ from compiler import ir
 from compiler.errors import FxCompressError, PipelineError, PreconditionError, VerificationError
 from compiler.inspection import block_params
 from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.registry import registered
 from compiler.report import PassRecord, Report
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,8 @@ def validate_order(passes: Sequence[Pass], ctx: PassContext, skip: Iterable[str 
 
 
 def _providers(passes: Sequence[Pass], prop: str) -> list[str]:
-    import passes as registry_pkg  # registered built-ins
-
     names = {p.name for p in passes if prop in p.establishes}
-    names |= {n for n, cls in registry_pkg.registered().items() if prop in cls.establishes}
+    names |= {n for n, cls in registered().items() if prop in cls.establishes}
     return sorted(names)
 
 

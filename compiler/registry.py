@@ -1,13 +1,24 @@
 """The pass registry: names and option strings (``"smoothquant(alpha=0.5)"``) to pass objects.
 
 Recipes and the CLI speak in these strings; ``compile()`` accepts them next to pass objects.
-Pass modules register themselves with :func:`register` (see ``passes/__init__.py``).
+
+Where the passes come from. The registry belongs to the core, which imports neither ``passes``
+nor ``backends``. A package of passes registers its classes with :func:`register` when it is
+imported (``passes/__init__.py`` does), and is named to the registry by its module name with
+:func:`add_pass_modules`; the registry imports every named module on the first lookup
+(:func:`registered`, :func:`make_pass`, :func:`load_recipe`). The facade names the built-ins:
+:mod:`compiler.api` (imported by ``import compiler``) calls ``add_pass_modules("passes")``, so
+``compile()``, the CLI and recipes resolve ``"smoothquant(alpha=0.5)"``, while code that uses
+only the core (the IR, the channel graph, statistics, the pass manager with pass objects)
+loads no pass. Passes of another package join the same way: ``register(MyPass)`` at its
+import, or ``add_pass_modules("mypkg.passes")``.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
+import importlib
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +28,9 @@ from compiler.errors import PipelineError
 from compiler.pass_base import Pass
 
 _REGISTRY: dict[str, type[Pass]] = {}
+#: modules that register passes when imported, in the order given; imported on the first lookup
+_PASS_MODULES: list[str] = []
+_IMPORTED: set[str] = set()
 
 _SPEC = re.compile(r"^\s*([A-Za-z_][\w]*)\s*(?:\((.*)\))?\s*$", re.DOTALL)
 
@@ -31,10 +45,38 @@ def register(cls: type[Pass]) -> type[Pass]:
     return cls
 
 
-def registered() -> dict[str, type[Pass]]:
-    """Name -> pass class, for every registered pass."""
-    import passes  # noqa: F401  (importing registers the built-in passes)
+def add_pass_modules(*names: str) -> None:
+    """Name modules that register passes when imported; they are imported on the first lookup.
 
+    Args:
+        names: importable module names (``"passes"``, ``"mypkg.passes"``).
+    """
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise PipelineError(f"a pass module is named by its import name, got {name!r}")
+        if name not in _PASS_MODULES:
+            _PASS_MODULES.append(name)
+
+
+def pass_modules() -> tuple[str, ...]:
+    """The module names given to :func:`add_pass_modules`, in order."""
+    return tuple(_PASS_MODULES)
+
+
+def _import_pass_modules() -> None:
+    for name in _PASS_MODULES:
+        if name in _IMPORTED:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise PipelineError(f"pass module {name!r} could not be imported: {e}") from e
+        _IMPORTED.add(name)
+
+
+def registered() -> dict[str, type[Pass]]:
+    """Name -> pass class, for every registered pass (importing the named pass modules first)."""
+    _import_pass_modules()
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -161,3 +161,17 @@ def test_fp16_qdq_graph_says_it_runs_only_after_the_triton_lowering(tmp_path):
         cm.export_onnx(tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     assert cm.lower("triton")(ids).dtype == torch.float16
+
+
+def test_backends_are_chosen_through_the_lowering_table(compiled, tmp_path, monkeypatch):
+    from compiler import api
+
+    assert set(api.LOWERINGS) == {"genai", "onnx", "triton"}
+    with pytest.raises(ValueError, match=r"unknown backend 'tvm' \(known: genai, onnx, triton\)"):
+        compiled.lower("tvm")
+    calls = []
+    monkeypatch.setitem(api.LOWERINGS, "onnx", lambda cm, path, **kw: calls.append((cm, path, kw)) or path)
+    monkeypatch.setitem(api.LOWERINGS, "probe", lambda cm, *a, **kw: (cm, a, kw))
+    assert compiled.export_onnx(tmp_path / "m.onnx") == tmp_path / "m.onnx"
+    assert calls == [(compiled, tmp_path / "m.onnx", {})]
+    assert compiled.lower("probe", 1, x=2) == (compiled, (1,), {"x": 2})

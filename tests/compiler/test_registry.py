@@ -71,3 +71,36 @@ def test_recipe_errors_name_the_file_and_entry(tmp_path):
 def test_every_documented_registry_string_builds_its_pass(spec):
     p = make_pass(spec)
     assert p.name == spec.split("(")[0]
+
+
+def test_passes_of_a_module_named_to_the_registry_resolve_by_name(tmp_path, monkeypatch):
+    from compiler import registry
+
+    (tmp_path / "extra_passes_probe.py").write_text(
+        "from compiler.pass_base import Pass, PassResult\n"
+        "from compiler.registry import register\n\n"
+        "@register\n"
+        "class Probe(Pass):\n"
+        "    name = 'extra_probe'\n\n"
+        "    def __init__(self, *, k: int = 1):\n"
+        "        self.k = k\n\n"
+        "    def run(self, gm, ctx):\n"
+        "        return PassResult.unchanged(gm)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "_PASS_MODULES", list(registry._PASS_MODULES))
+    registry.add_pass_modules("extra_passes_probe")
+    assert registry.pass_modules()[-1] == "extra_passes_probe"
+    p = make_pass("extra_probe(k=3)")
+    assert type(p).__module__ == "extra_passes_probe" and p.k == 3
+    assert "canonicalize" in registry.registered()  # the built-ins are still there
+
+
+def test_a_pass_module_that_cannot_be_imported_is_an_error_naming_it(monkeypatch):
+    from compiler import registry
+
+    monkeypatch.setattr(registry, "_PASS_MODULES", [*registry._PASS_MODULES, "no_such_passes_mod"])
+    with pytest.raises(PipelineError, match="pass module 'no_such_passes_mod' could not be imported"):
+        make_pass("canonicalize")
+    with pytest.raises(PipelineError, match="import name"):
+        registry.add_pass_modules("")
