@@ -16,7 +16,6 @@ name to the lowering that imports its backend on first use.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,14 @@ from torch import fx
 
 from compiler import ir
 from compiler.errors import ArtifactError, DataError, FxCompressError, PreconditionError
-from compiler.fileio import staged_dir
+from compiler.fileio import (
+    ARTIFACT_FORMAT,
+    ARTIFACT_VERSION,
+    file_entry,
+    read_manifest,
+    sha256_of,
+    staged_dir,
+)
 from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
@@ -44,9 +50,6 @@ log = logging.getLogger(__name__)
 # The built-in passes, imported by the registry on the first name lookup.
 add_pass_modules("passes")
 
-ARTIFACT_FORMAT = "fxcompress-artifact"
-#: 2: report.json holds the per-pass data of the HTML report (``PassRecord.details``)
-ARTIFACT_VERSION = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
@@ -217,7 +220,7 @@ class CompiledModel:
                 "version": ARTIFACT_VERSION,
                 "model_class": self.model_class,
                 "config": self.config,
-                "files": {f: _file_entry(tmp / f) for f in names},
+                "files": {f: file_entry(tmp / f) for f in names},
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         log.info("saved compiled model to %s", directory)
@@ -245,7 +248,7 @@ class CompiledModel:
             size = f.stat().st_size
             if size != entry.get("bytes"):
                 raise ArtifactError(f"{f}: {size} bytes, manifest says {entry.get('bytes')} (truncated?)")
-            if _sha256(f) != entry.get("sha256"):
+            if sha256_of(f) != entry.get("sha256"):
                 raise ArtifactError(f"{f}: SHA-256 does not match the manifest (file was modified)")
         # registers the PT2E quantized_decomposed ops, which a quantized program refers to
         import torch.ao.quantization.fx._decomposed
@@ -319,46 +322,6 @@ LOWERINGS: dict[str, Callable[..., Any]] = {
     "onnx": _lower_onnx,
     "triton": _lower_triton,
 }
-
-
-def read_manifest(directory: str | os.PathLike) -> dict:
-    """The checked ``manifest.json`` of a compiled artifact (format and version; files unchecked).
-
-    Raises:
-        ArtifactError: not a folder with a manifest, a corrupt or foreign manifest, or a format
-            version newer than this fxcompress reads.
-    """
-    directory = Path(directory)
-    mpath = directory / "manifest.json"
-    if not directory.is_dir():
-        raise ArtifactError(f"{directory}: no such folder (give a compiled artifact folder, "
-                            "written by fxcompress compile -o)")
-    if not mpath.is_file():
-        raise ArtifactError(f"{directory}: not an fxcompress artifact (no manifest.json; "
-                            "write one with fxcompress compile MODEL -o FOLDER)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{mpath}: corrupt manifest: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{mpath}: not an fxcompress artifact manifest")
-    version = manifest.get("version")
-    if not isinstance(version, int) or version > ARTIFACT_VERSION:
-        raise ArtifactError(f"{mpath}: artifact format version {version!r} is newer than this "
-                            f"fxcompress reads ({ARTIFACT_VERSION}); upgrade fxcompress")
-    return manifest
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_entry(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 @contextlib.contextmanager

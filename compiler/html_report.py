@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import ArtifactError, ReportError
+from compiler.fileio import read_manifest, sha256_of
 from compiler.report import PassRecord, Report
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,6 @@ def read_artifact_report(directory: str | os.PathLike) -> Report:
         ArtifactError: not an artifact, a newer format, or report.json missing or modified.
         ReportError: an artifact written before per-pass report data was recorded.
     """
-    from compiler.api import _sha256, read_manifest
 
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -59,7 +59,7 @@ def read_artifact_report(directory: str | os.PathLike) -> Report:
     rpath = directory / "report.json"
     if not isinstance(entry, dict) or not rpath.is_file():
         raise ArtifactError(f"{directory}: report.json missing")
-    if rpath.stat().st_size != entry.get("bytes") or _sha256(rpath) != entry.get("sha256"):
+    if rpath.stat().st_size != entry.get("bytes") or sha256_of(rpath) != entry.get("sha256"):
         raise ArtifactError(f"{rpath}: does not match the manifest (file was modified)")
     try:
         report = Report.from_dict(json.loads(rpath.read_text()))

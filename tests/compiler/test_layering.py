@@ -48,6 +48,16 @@ def test_no_core_module_has_an_import_of_passes_or_backends():
     assert bad == []
 
 
+def test_no_core_module_imports_the_facade():
+    """The facade sits on top: the core needs nothing from compile(), the CLI or the demo
+    (nor ``import compiler``, which re-exports ``compile``)."""
+    facade = {f"compiler.{m}" for m in FACADE}
+    bad = [f"compiler/{m}.py imports {mod}{'.' + ', '.join(names) if names else ''}"
+           for m in CORE for mod, names in _imports(REPO / "compiler" / f"{m}.py")
+           if mod in facade or (mod == "compiler" and (not names or set(names) & FACADE))]
+    assert bad == []
+
+
 def test_importing_the_core_loads_no_pass_and_no_backend():
     """Dynamic, in a fresh interpreter: importing every core module (and ``compiler`` itself,
     which re-exports the facade) pulls in no module of ``passes`` or ``backends``."""
