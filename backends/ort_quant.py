@@ -1,4 +1,4 @@
-"""Lowering of Q/DQ graphs (from ``passes.insert_qdq``) to ONNX Runtime integer kernels.
+"""Lowering of Q/DQ graphs (the :mod:`compiler.qdq` forms) to ONNX Runtime integer kernels.
 
 Why a lowering step: exporting the PT2E Q/DQ graph as it is gives ONNX
 ``DequantizeLinear(W_q) -> Transpose -> MatMul``; ORT's QDQ fusion does not see through the

@@ -1,4 +1,4 @@
-"""Matchers for the PT2E Q/DQ patterns ``passes.insert_qdq`` writes, shared by the lowerings.
+"""Matchers for the PT2E Q/DQ patterns of :mod:`compiler.qdq`, shared by the lowerings.
 
 Both backends (``backends.ort_quant`` for ONNX Runtime, ``backends.triton.lowering`` for the
 Triton kernels) replace the same graph patterns; they read them through these functions so a

@@ -1,4 +1,9 @@
-"""fxcompress compiler core: tracing, IR helpers, analyses, the pass manager and compile()."""
+"""fxcompress compiler: the core and, re-exported here, the facade on top of it.
+
+The core (tracing, IR helpers, the channel graph, statistics, the Q/DQ vocabulary, the pass
+contract, pass manager and registry) imports neither ``passes`` nor ``backends``; the facade
+(:mod:`compiler.api`: ``compile()``, ``load``; the CLI; the demo) wires them in.
+"""
 
 from compiler.api import CompiledModel, compile, load
 from compiler.errors import (

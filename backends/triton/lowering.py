@@ -1,4 +1,4 @@
-"""Lowering of Q/DQ graphs (from ``passes.insert_qdq``) to the Triton kernels via custom ops.
+"""Lowering of Q/DQ graphs (the :mod:`compiler.qdq` forms) to the Triton kernels via custom ops.
 
 Each quantized pattern of the GraphModule is replaced, on a copy, by one op of the ``fxcompress``
 torch library; the op runs the Triton kernel on CUDA tensors (or on CPU tensors under
