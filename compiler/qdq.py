@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 qd = torch.ops.quantized_decomposed
 
+#: the schemes of ``insert_qdq`` (:func:`resolve_scheme`)
 SCHEMES = ("w8a8", "w8a8_dynamic", "w4a16")
+#: int4 group sizes the kernels run (ORT ``MatMulNBits``, the Triton W4A16 GEMM)
 GROUP_SIZES = (32, 64, 128)
 
 # Ops that only move or relabel the logits; a linear reaching the output through them is the
@@ -51,7 +53,7 @@ _PASS_THROUGH = {
     "alias", "clone", "getitem", "squeeze", "unsqueeze", "expand",
 }
 
-#: every quantized_decomposed dequantize op this pass may emit for a weight
+#: every quantized_decomposed dequantize op a weight is written with
 WEIGHT_DQ_OPS = (qd.dequantize_per_channel.default, qd.dequantize_per_channel_group.default)
 #: floor of a scale, so an all-zero row or tensor quantizes to zeros instead of dividing by 0
 SCALE_EPS = 1e-8
@@ -391,7 +393,8 @@ def site_spec(spec: WeightQuantSpec, in_features: int) -> WeightQuantSpec:
 
 def select_sites(who: str, gm: fx.GraphModule, spec: WeightQuantSpec, *, include, exclude,
                  quantize_lm_head: bool) -> tuple[list[QuantAnnotation], list[str]]:
-    """Annotate linears as ``insert_qdq`` would and resolve per-site specs. Pure.
+    """Annotate linears as ``insert_qdq`` would, for passes that choose the weight spec
+    themselves (``gptq``, ``awq``), and resolve per-site specs. Pure.
 
     Returns:
         ``(annotations to quantize, notes for skipped sites)``.
