@@ -105,3 +105,11 @@ def test_passes_import_no_private_name_of_another_pass_and_only_algorithm_depend
             private += [f"{path.stem} imports {mod}.{n}" for n in names if n.startswith("_")]
     assert private == []
     assert edges == ALGORITHM_DEPENDENCIES
+
+
+def test_backends_import_no_pass():
+    """A lowering reads the Q/DQ forms of the core (compiler.qdq), not a pass's module."""
+    bad = [f"{path.relative_to(REPO)} imports {mod}"
+           for path in sorted((REPO / "backends").rglob("*.py"))
+           for mod, _ in _imports(path) if mod.split(".")[0] == "passes"]
+    assert bad == []
