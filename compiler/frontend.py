@@ -89,6 +89,14 @@ MATRIX_CONFIGS: dict[str, dict[str, Any]] = {
     "starcoder2": dict(model_type="starcoder2", hidden_size=64, intermediate_size=128,
                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                        vocab_size=256, max_position_embeddings=512),
+    # mixture of experts (traced with batched expert matmuls, see exportable_experts)
+    "mixtral": dict(model_type="mixtral", hidden_size=64, intermediate_size=128,
+                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                    vocab_size=256, max_position_embeddings=512, num_local_experts=4,
+                    num_experts_per_tok=2),
+    "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=512, num_experts=4, num_experts_per_tok=2),
     # refused by rotation_invariant / slicegpt (a written-out LayerNorm, see the README table)
     "cohere": dict(model_type="cohere", hidden_size=64, intermediate_size=128,
                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
@@ -424,6 +432,33 @@ def default_example_inputs(model: torch.nn.Module, batch: int = 2, seq: int = 16
     return torch.randint(0, v, (batch, seq), generator=g)
 
 
+#: How mixture-of-experts layers are traced (transformers' ``experts_implementation``).
+EXPORT_EXPERTS = "batched_mm"
+
+
+@contextlib.contextmanager
+def exportable_experts(model: torch.nn.Module):
+    """Trace mixture-of-experts layers (Mixtral, OLMoE, Qwen2-MoE...) in a form ONNX can express.
+
+    transformers runs experts with ``torch._grouped_mm`` by default, which torch.export keeps as
+    one op that has no ONNX lowering; its ``eager`` loop has data-dependent shapes. While tracing,
+    the model is switched to ``batched_mm``: each token gathers the weights of its top-k experts
+    and multiplies them (ONNX ``Gather`` + ``MatMul``), the same function with static shapes. The
+    cost is memory: the gathered weights are ``tokens x top_k`` copies of one expert's. The
+    model's own setting is restored afterwards.
+    """
+    config = getattr(model, "config", None)
+    current = getattr(config, "_experts_implementation", None)
+    if current in (None, EXPORT_EXPERTS) or not hasattr(model, "set_experts_implementation"):
+        yield
+        return
+    model.set_experts_implementation(EXPORT_EXPERTS)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(current)
+
+
 def trace(model: torch.nn.Module, example_inputs: torch.Tensor | None = None) -> fx.GraphModule:
     """Export ``model`` with dynamic batch and sequence dims and return a normalised GraphModule.
 
@@ -449,7 +484,7 @@ def trace(model: torch.nn.Module, example_inputs: torch.Tensor | None = None) ->
     batch = torch.export.Dim("batch", max=4096)
     seq = torch.export.Dim("seq", max=max(int(max_pos), 2))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), exportable_experts(model):
             ep = torch.export.export(
                 wrapper, (example_inputs,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}
             )

@@ -101,3 +101,23 @@ def probe_ids() -> torch.Tensor:
 def calib_batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(11)
     return [torch.randint(0, 256, (2, 32), generator=g) for _ in range(4)]
+
+
+def scale_bug(path, out, pattern: str, factor: float = 1.01):
+    """Copy the ONNX file at ``path`` to ``out`` with every float initializer whose name
+    matches ``pattern`` and holds a scale multiplied by ``factor`` (an injected lowering bug)."""
+    import re
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    hit = []
+    for init in model.graph.initializer:
+        a = numpy_helper.to_array(init)
+        if re.search(pattern, init.name) and "scale" in init.name and a.dtype.kind == "f":
+            init.CopyFrom(numpy_helper.from_array((a * factor).astype(a.dtype), init.name))
+            hit.append(init.name)
+    assert hit, f"no scale initializer matches {pattern!r}"
+    onnx.save(model, str(out))
+    return out

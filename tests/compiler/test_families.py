@@ -51,12 +51,19 @@ NOTHING_TO_DO = {
     ("gpt_neox", "fuse_linears"): "q, k, v are already one linear (query_key_value)",
     ("gpt_bigcode", "fuse_linears"): "q, k, v are already one linear (c_attn)",
     ("phi3", "fuse_linears"): "qkv_proj and gate_up_proj are already fused",
+    **{(moe, "rptq_reorder"): "the residual group is opaque (the experts' bmm has no coupling "
+                              "rule) and the attention groups have several axes"
+       for moe in ("mixtral", "olmoe")},
 }
 
 #: (family, pass) -> the construct named in the refusal
 REFUSED = {
     ("cohere", "rotation_invariant"): "op mean (mean) at model.layers.0.input_layernorm",
     ("cohere", "slicegpt_rotate"): "op mean (mean) at model.layers.0.input_layernorm",
+    # the experts read the stream through a per-token gather of their weights (batched_mm),
+    # which the channel graph does not fold into
+    **{(moe, p): "op repeat_interleave (repeat_interleave) at model.layers.0.mlp.experts"
+       for moe in ("mixtral", "olmoe") for p in ("rotation_invariant", "slicegpt_rotate")},
 }
 
 
