@@ -41,6 +41,9 @@ class PassResult:
         preserved: names of analyses still valid (``ALL`` when nothing changed).
         stats: counters (sites rewritten, params before/after, ...).
         notes: one line per skipped site, with the reason.
+        tables: per-site rankings too long for notes (``name -> rows``, each row a dict of
+            plain values, e.g. insert_qdq's ``sensitivity``); kept whole in ``report.json``
+            while the notes name the first few.
     """
 
     gm: fx.GraphModule
@@ -48,6 +51,7 @@ class PassResult:
     preserved: frozenset[str] = frozenset()
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @classmethod
     def unchanged(cls, gm: fx.GraphModule, notes: Iterable[str] = (), **stats) -> PassResult:

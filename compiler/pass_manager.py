@@ -242,6 +242,7 @@ class PassManager:
             record.modified = result.modified
             record.stats = dict(result.stats)
             record.notes = list(result.notes)
+            record.tables = {k: list(v) for k, v in result.tables.items()}
             ctx.analyses.invalidate(result.preserved)
             if result.modified:
                 if self.verify:

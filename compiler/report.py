@@ -28,6 +28,8 @@ class PassRecord:
     exact_check: float | None = None  # max |after - before| for exact passes
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # per-site rankings too long for notes (PassResult.tables), e.g. insert_qdq's sensitivity
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     ops_delta: dict[str, int] = field(default_factory=dict)
     # per block params and shapes before/after (compiler.inspection.block_params), recorded only
     # when the pass changed the shape of a parameter it kept

@@ -123,6 +123,8 @@ log = logging.getLogger(__name__)
 
 ACT_RANGES = ("max", "percentile", "mse")
 SENSITIVE_MODES = ("dynamic", "float")
+#: sensitivity rows named in the notes (the whole ranking is the pass's ``sensitivity`` table)
+SENSITIVITY_NOTES = 5
 #: the mse search tries clipping values down to absmax / 2**_MSE_OCTAVES
 _MSE_OCTAVES = 12
 
@@ -279,7 +281,7 @@ class InsertQDQ(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, sites_quantized=0)
         check_annotations(gm, todo)
-        scales, report = self._activation_scales(gm, ctx, todo)
+        scales, report, ranking = self._activation_scales(gm, ctx, todo)
         notes += report
         todo = [a for a in todo if a.quantized]  # sensitive sites kept float are skipped now
 
@@ -287,31 +289,34 @@ class InsertQDQ(Pass):
         stats = rewrite_sites(gm, todo, scales)
         if self._spec.activation is not None and self._spec.activation.mode == "static":
             stats["act_range"] = self.act_range
-            stats["kept_sensitive"] = getattr(self, "_kept", 0)
+            stats["kept_sensitive"] = sum(r["kept"] is not None for r in ranking)
         log.info(
             "insert_qdq(%s): %d linears, %d embeddings quantized; params %d -> %d bytes",
             self.scheme, stats["linears_quantized"], stats["embeddings_quantized"],
             stats["param_bytes_before"], stats["param_bytes_after"],
         )
-        return PassResult(gm, True, frozenset(), stats, notes)
+        tables = {"sensitivity": ranking} if ranking else {}
+        return PassResult(gm, True, frozenset(), stats, notes, tables)
 
     def _activation_scales(self, gm, ctx: PassContext, todo
-                           ) -> tuple[dict[str, float], list[str]]:
-        """Static scales per ``:in`` site, and the sensitivity report (one note per tensor).
+                           ) -> tuple[dict[str, float], list[str], list[dict]]:
+        """Static scales per ``:in`` site, the notes, and the sensitivity ranking.
 
+        The ranking has one row per activation tensor (q/k/v read one tensor), noisiest first:
+        site, range chosen, abs-max, relative int8 noise in dB, linears reading it, and what
+        ``keep_sensitive`` did to it. The notes name the first :data:`SENSITIVITY_NOTES` rows
+        and every kept one; the whole ranking is the pass's ``sensitivity`` table (report.json).
         Sites in the ``keep_sensitive`` noisiest tensors are switched, in ``todo``, to dynamic
         activations or to float (``skip`` set)."""
         static = [a for a in todo if a.activation is not None and a.activation.mode == "static"]
-        self._kept = 0
         if not static:
-            return {}, []
+            return {}, [], []
         ctx.require_calibration(f"insert_qdq(scheme={self.scheme}) (static activation scales)")
         from compiler.stats import ActivationStats
 
         sites = frozenset(a.input_site for a in static)
         table = ctx.analysis(ActivationStats, gm, sites=sites, covariance=frozenset(),
                              histogram=sites)
-        # one decision per activation tensor (q/k/v read one tensor)
         by_tensor: dict[str, list[QuantAnnotation]] = {}
         for a in static:
             by_tensor.setdefault(table.tensor_of(a.input_site), []).append(a)
@@ -326,28 +331,38 @@ class InsertQDQ(Pass):
             rows.append((rel, t, clip, absmax))
         rows.sort(key=lambda r: -r[0])
         keep = {t for _, t, _, _ in rows[: self.keep_sensitive]}
-        self._kept = len(keep)
-        scales, report = {}, []
+        scales, notes, ranking = {}, [], []
         for rank, (rel, t, clip, absmax) in enumerate(rows, 1):
             anns = by_tensor[t]
             db = 10 * math.log10(rel) if rel > 0 else float("-inf")
+            kept = self.sensitive_mode if t in keep else None
+            ranking.append({"rank": rank, "site": anns[0].input_site, "range": clip,
+                            "absmax": absmax, "noise_db": round(db, 2),
+                            "linears": len(anns), "kept": kept})
+            if kept == "dynamic":
+                for a in anns:
+                    a.activation = ActQuantSpec("dynamic")
+            elif kept == "float":
+                for a in anns:
+                    a.skip = "kept float: among the keep_sensitive noisiest activations"
+                    a.weight = a.activation = None
+            else:
+                for a in anns:
+                    scales[a.input_site] = activation_scale(clip, a.activation)
+            if rank > SENSITIVITY_NOTES and kept is None:
+                continue
             line = (f"{anns[0].input_site}: static int8 range {clip:.4g} ({self.act_range}; "
                     f"abs-max {absmax:.4g}), relative noise {db:.1f} dB, sensitivity #{rank}")
             if len(anns) > 1:
                 line += f" (shared by {len(anns)} linears)"
-            if t in keep:
-                for a in anns:
-                    if self.sensitive_mode == "dynamic":
-                        a.activation = ActQuantSpec("dynamic")
-                    else:
-                        a.skip = "kept float: among the keep_sensitive noisiest activations"
-                        a.weight = a.activation = None
-                line += f"; kept {self.sensitive_mode} (keep_sensitive={self.keep_sensitive})"
-            else:
-                for a in anns:
-                    scales[a.input_site] = activation_scale(clip, a.activation)
-            report.append(line)
-        return scales, report
+            if kept:
+                line += f"; kept {kept} (keep_sensitive={self.keep_sensitive})"
+            notes.append(line)
+        if len(rows) > SENSITIVITY_NOTES:
+            notes.append(f"sensitivity: {len(rows)} activation tensors ranked, the first "
+                         f"{SENSITIVITY_NOTES} above; every one in the pass's 'sensitivity' "
+                         "table (report.json)")
+        return scales, notes, ranking
 
 
 __all__ = [

@@ -12,6 +12,7 @@ from compiler.pass_base import PassContext
 from compiler.stats import HIST_BINS, _Accumulator, collect_stats
 from passes.canonicalize import canonicalize
 from passes.insert_qdq import (
+    SENSITIVITY_NOTES,
     InsertQDQ,
     activation_range,
     quantization_noise,
@@ -130,9 +131,16 @@ def test_act_range_max_is_the_abs_max_and_mse_is_never_wider():
     assert len(smax) == len(smse) > 0
     assert all(b <= a * (1 + 1e-9) for a, b in zip(smax, smse))
     assert r_mse.stats["act_range"] == "mse" and r_max.stats["act_range"] == "max"
-    # the report: one line per activation tensor with its range, noise and rank
+    # the report: a ranking with one row per activation tensor (range, noise, rank); the notes
+    # name the first few and say where the rest is
+    rows = r_mse.tables["sensitivity"]
+    assert len(rows) == len(smse) > SENSITIVITY_NOTES
+    assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1))
+    assert [r["noise_db"] for r in rows] == sorted((r["noise_db"] for r in rows), reverse=True)
+    assert sorted(r["range"] / 127 for r in rows) == pytest.approx(sorted(smse), rel=1e-12)
     lines = [n for n in r_mse.notes if "sensitivity #" in n]
-    assert len(lines) == len(smse) and "sensitivity #1" in lines[0]
+    assert len(lines) == SENSITIVITY_NOTES and "sensitivity #1" in lines[0]
+    assert any(f"{len(rows)} activation tensors ranked" in n for n in r_mse.notes)
 
 
 def test_act_range_max_scales_equal_the_calibration_abs_max():
@@ -155,9 +163,10 @@ def test_keep_sensitive_switches_the_noisiest_tensors(mode):
     base = InsertQDQ(scheme="w8a8").run(copy.deepcopy(gm), PassContext(calibration=_calib()))
     res = InsertQDQ(scheme="w8a8", keep_sensitive=2, sensitive_mode=mode).run(
         copy.deepcopy(gm), PassContext(calibration=_calib()))
-    ranked = [n.split(":")[0] for n in base.notes if "sensitivity #" in n]
+    ranked = [r["site"] for r in base.tables["sensitivity"]]
     kept = [n for n in res.notes if f"kept {mode}" in n]
-    assert [n.split(":")[0] for n in kept] == ranked[:2]
+    assert [n.split(": ")[0] for n in kept] == ranked[:2]
+    assert [r["site"] for r in res.tables["sensitivity"] if r["kept"] == mode] == ranked[:2]
     assert res.stats["kept_sensitive"] == 2
     assert res.stats["act_qdq_static"] == base.stats["act_qdq_static"] - 2
     if mode == "dynamic":
