@@ -3,10 +3,13 @@
 Quality (BENCHMARKS.md protocol): ``stories260K``; TinyStories eval half and WikiText-2 test,
 256 windows of ``[BOS] + 255`` tokens (65,280 scored tokens each); calibration 128 windows of
 256 tokens from the TinyStories calibration half (seed 0). Variants: the fp32 graph, the exact
-rotation (``slicegpt_rotate``), ``slicegpt`` at each sparsity with its default single basis,
-and with the paper's per-norm bases + shortcut matrices at ``--per-norm-sparsities`` (hidden width ``(1-s)*64``; with
-``--quality-round-to 1`` by default, since rounding 64 to multiples of 8 would make 20% and 25%
-the same width), and a random-init model of the same config (the "knows nothing" reference).
+rotation (``slicegpt_rotate``), ``slicegpt`` at each sparsity with its defaults (sequential
+calibration, one basis per block, head whole), with the paper's per-norm bases
+(``--per-norm-sparsities``) and with the former procedure (``calibration="once"``, one basis,
+head sliced; ``--once-sparsities``), the ablation of calibration x head x basis at
+``--ablation-sparsity`` (hidden width ``(1-s)*64``; with ``--quality-round-to 1`` by default,
+since rounding 64 to multiples of 8 would make 20% and 25% the same width), and a random-init
+model of the same config (the "knows nothing" reference).
 
 Speed and size: Llama-shaped, random init (``torch.manual_seed(0)``): hidden 768, 12 layers,
 12 heads, ffn 2048, vocab 32000, untied (134M parameters); calibration 32 x 512 random ids
@@ -67,8 +70,33 @@ def _prepared(model, simplify: bool = False) -> torch.fx.GraphModule:
     return gm
 
 
-def quality(sparsities: list[float], per_norm_sparsities: list[float], round_to: int
-            ) -> tuple[list[dict], dict]:
+FORMER = {"calibration": "once", "slice_head": True}
+
+
+def _label(s: float, kw: dict) -> str:
+    opts = "".join(f", {k}={v!r}" if isinstance(v, str) else f", {k}={v}" for k, v in kw.items())
+    return f"slicegpt(sparsity={s}{opts})"
+
+
+def quality_variants(sparsities: list[float], per_norm: list[float], once: list[float],
+                     ablation: float | None) -> list[tuple[float, dict]]:
+    """(sparsity, SliceGPT options) per row, without repeats."""
+    out = [(s, {}) for s in sparsities] + [(s, {"basis": "per_norm"}) for s in per_norm]
+    out += [(s, dict(FORMER)) for s in once]
+    if ablation is not None:
+        for basis in ({}, {"basis": "per_norm"}):
+            for extra in ({"slice_head": True}, {"calibration": "once"}):
+                out.append((ablation, {**basis, **extra}))
+    seen, rows = set(), []
+    for s, kw in out:
+        key = (s, tuple(sorted(kw.items())))
+        if key not in seen:
+            seen.add(key)
+            rows.append((s, kw))
+    return rows
+
+
+def quality(variants: list[tuple[float, dict]], round_to: int) -> tuple[list[dict], dict]:
     from transformers import AutoConfig, LlamaForCausalLM
 
     sdir = stories260k_dir()
@@ -92,14 +120,12 @@ def quality(sparsities: list[float], per_norm_sparsities: list[float], round_to:
     t = time.perf_counter()
     SliceGPTRotate().run(g, ctx)
     row("slicegpt_rotate (exact)", g, 64, ir.count_params(g), time.perf_counter() - t)
-    variants = [(s, "global") for s in sparsities] + [(s, "per_norm") for s in per_norm_sparsities]
-    for s, basis in variants:
+    for s, kw in variants:
         g = copy.deepcopy(base)
         t = time.perf_counter()
-        res = SliceGPT(sparsity=s, round_to=round_to, basis=basis).run(g, ctx)
-        extra = ", basis=per_norm" if basis == "per_norm" else ""
-        row(f"slicegpt(sparsity={s}{extra})", g, res.stats["hidden_after"],
-            res.stats["params_after"], time.perf_counter() - t)
+        res = SliceGPT(sparsity=s, round_to=round_to, **kw).run(g, ctx)
+        row(_label(s, kw), g, res.stats["hidden_after"], res.stats["params_after"],
+            time.perf_counter() - t)
     torch.manual_seed(0)
     rnd = LlamaForCausalLM(AutoConfig.from_pretrained(sdir)).eval()
     rnd_g = trace(rnd)
@@ -195,8 +221,16 @@ def render(qrows, qmeta, srows, smeta) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.1, 0.2, 0.25, 0.3, 0.5])
-    ap.add_argument("--per-norm-sparsities", type=float, nargs="*", default=[0.25],
+    ap.add_argument("--per-norm-sparsities", type=float, nargs="*",
+                    default=[0.1, 0.2, 0.25, 0.3, 0.5],
                     help="also run these with the paper's per-norm bases (shortcut matrices)")
+    ap.add_argument("--once-sparsities", type=float, nargs="*", default=[0.1, 0.2, 0.25, 0.3, 0.5],
+                    help="quality: also run these with the former procedure (calibration='once', "
+                         "one basis, head sliced)")
+    ap.add_argument("--speed-per-norm-sparsities", type=float, nargs="*", default=[0.25],
+                    help="speed: also time these with the per-norm bases")
+    ap.add_argument("--ablation-sparsity", type=float, default=0.25,
+                    help="quality: calibration x slice_head x basis at this sparsity")
     ap.add_argument("--quality-round-to", type=int, default=1)
     ap.add_argument("--seq", type=int, nargs="+", default=[128])
     ap.add_argument("--warmup", type=int, default=3)
@@ -210,11 +244,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     qrows, qmeta, srows, smeta = [], {}, [], {}
     if not args.skip_quality:
-        qrows, qmeta = quality(args.sparsities, args.per_norm_sparsities,
+        qrows, qmeta = quality(quality_variants(args.sparsities, args.per_norm_sparsities,
+                                                args.once_sparsities, args.ablation_sparsity),
                                args.quality_round_to)
     if not args.skip_speed:
         with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            srows, smeta = speed(args.sparsities, args.per_norm_sparsities, args.seq, args.warmup,
+            srows, smeta = speed(args.sparsities, args.speed_per_norm_sparsities, args.seq,
+                                 args.warmup,
                                  args.runs, args.rounds, Path(tmp))
     text = render(qrows, qmeta, srows, smeta)
     if args.out:

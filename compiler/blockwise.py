@@ -19,7 +19,9 @@ How the graph is split (structure only, no module names):
   MLP segment(s) after it (a parallel-attention block is one segment). Segments before the
   first attention segment belong to the **prologue** (embeddings); the last segment, which
   reaches the graph output, is the **epilogue** (final norm, LM head). A graph without an
-  attention op gets one block per segment.
+  attention op gets one block per segment. With ``unit="segment"`` every segment is a unit of
+  its own (SliceGPT decides a basis at every residual point between sub-blocks); each unit
+  then records the decoder block it belongs to (:attr:`Block.layer`).
 
 What the engine does (:func:`run_blockwise`), for a :class:`BlockVisitor` supplied by a pass:
 
@@ -31,7 +33,10 @@ What the engine does (:func:`run_blockwise`), for a :class:`BlockVisitor` suppli
    block's weights change: parameter overrides held by the engine, or exact in-place folds);
    then the block's outputs for the next block: the transformed block re-run
    (``propagate="transformed"``, GPTQ) or the outputs of the observation run
-   (``propagate="original"``, AWQ).
+   (``propagate="original"``, AWQ). A visitor that observes only the block's input (or
+   nothing) with ``propagate="transformed"`` gets the stored inputs without an observation run,
+   so the block runs once. ``transform`` may also replace the stored inputs
+   (:meth:`BlockRunner.replace_inputs`, e.g. SliceGPT's projection at a block boundary).
 
 Memory: the block inputs and outputs of the calibration set for one block (optionally stored in
 a compact dtype), plus the side values; never the whole model's activations. Progress: one tqdm
@@ -77,6 +82,9 @@ class Block:
         output: the residual value leaving it (None for the epilogue: its output is the graph's).
         side_inputs: side values (and graph inputs) the block reads.
         epilogue: True for the final norm / LM head part.
+        layer: the decoder block this unit is part of (its own index with ``unit="block"``;
+            with ``unit="segment"``, the block of the attention segment that opened it; None for
+            the epilogue and for segments before the first attention segment).
     """
 
     index: int
@@ -85,6 +93,7 @@ class Block:
     output: fx.Node | None
     side_inputs: list[fx.Node] = field(default_factory=list)
     epilogue: bool = False
+    layer: int | None = None
 
     def linears(self) -> list[fx.Node]:
         """The ``aten.linear`` nodes of the block, in graph order."""
@@ -93,6 +102,9 @@ class Block:
     def name(self) -> str:
         """``block 3`` or ``epilogue`` (for messages)."""
         return "epilogue" if self.epilogue else f"block {self.index}"
+
+
+UNITS = ("block", "segment")
 
 
 @dataclass
@@ -128,12 +140,20 @@ def _residual_sources(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     return sources, on_stream
 
 
-def partition_blocks(gm: fx.GraphModule) -> BlockPartition:
+def partition_blocks(gm: fx.GraphModule, unit: str = "block") -> BlockPartition:
     """Split ``gm`` at the residual stream between blocks (see the module docstring). Pure.
 
+    Args:
+        gm: a canonical GraphModule.
+        unit: ``"block"`` (a decoder block per unit) or ``"segment"`` (every stretch between two
+            residual cuts a unit: attention and MLP halves apart).
+
     Raises:
+        ValueError: unknown ``unit``.
         PreconditionError: no residual stream, or no cut between the embedding and the output.
     """
+    if unit not in UNITS:
+        raise ValueError(f"blockwise: unit must be one of {UNITS}, got {unit!r}")
     sources, on_stream = _residual_sources(gm)
     nodes = list(gm.graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
@@ -173,10 +193,15 @@ def partition_blocks(gm: fx.GraphModule) -> BlockPartition:
     *middle, last = segs
     has_attn = any(ir.is_op(n, ir.SDPA) for _, body, _ in middle for n in body)
     blocks: list[Block] = []
+    layer = -1
     for inp, body, out in middle:
         starts = any(ir.is_op(n, ir.SDPA) for n in body) if has_attn else True
-        if starts:
-            blocks.append(Block(len(blocks), list(body), inp, out))
+        layer += starts
+        if unit == "segment":
+            blocks.append(Block(len(blocks), list(body), inp, out,
+                                layer=layer if layer >= 0 else None))
+        elif starts:
+            blocks.append(Block(len(blocks), list(body), inp, out, layer=layer))
         elif blocks:
             blocks[-1].nodes += body
             blocks[-1].output = out
@@ -214,6 +239,11 @@ class BlockVisitor:
 
     def transform(self, block: Block, runner: BlockRunner) -> None:
         """Decide how ``block`` changes (``runner.overrides`` or exact folds) after observation."""
+
+
+def _as_computed(x: torch.Tensor) -> torch.Tensor:
+    """A stored (possibly compact) activation back in float32, as the blocks compute."""
+    return x.to(torch.float32) if x.dtype != torch.float32 and x.is_floating_point() else x
 
 
 class BlockRunner:
@@ -268,6 +298,23 @@ class BlockRunner:
     def _store(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.store_dtype is None else x.to(self.store_dtype)
 
+    def input_value(self, batch: int) -> torch.Tensor:
+        """The current block's input for batch ``batch`` as a block run sees it (float32)."""
+        return _as_computed(self.inputs[batch])
+
+    def replace_inputs(self, values: Sequence[torch.Tensor]) -> None:
+        """Replace the current block's stored inputs (one per batch), e.g. from ``transform``.
+
+        Raises:
+            PassError: not one value per calibration batch, or a value of another shape.
+        """
+        values = list(values)
+        if len(values) != len(self.inputs) or any(
+                v.shape != x.shape for v, x in zip(values, self.inputs)):
+            raise PassError("blockwise: replace_inputs needs one value per batch with the shape "
+                            "of the stored input")
+        self.inputs = [self._store(v) for v in values]
+
     def start(self, batches: Sequence[torch.Tensor]) -> None:
         """Evaluate side values and the prologue; keep the block-0 input of every batch."""
         placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
@@ -299,10 +346,8 @@ class BlockRunner:
             observe: node -> callback of its value.
             until: stop after this node and return its value.
         """
-        x = self.inputs[batch] if x is None else x
         env: dict[fx.Node, Any] = dict(self.sides[batch])
-        env[block.input] = x.to(torch.float32) if x.dtype != torch.float32 and \
-            x.is_floating_point() else x
+        env[block.input] = self.input_value(batch) if x is None else _as_computed(x)
         if observe is not None and block.input in observe:
             observe[block.input](env[block.input])
         nodes = block.nodes
@@ -328,6 +373,7 @@ def run_blockwise(
     progress: bool = False,
     store_dtype: torch.dtype | None = None,
     desc: str = "blocks",
+    unit: str = "block",
 ) -> BlockRunner:
     """Calibrate ``gm`` block by block (see the module docstring).
 
@@ -340,12 +386,13 @@ def run_blockwise(
         progress: tqdm bar over blocks.
         store_dtype: dtype of the stored block inputs (None: as computed, exact).
         desc: label of the progress bar.
+        unit: ``"block"`` or ``"segment"`` (see :func:`partition_blocks`).
 
     Returns:
         The :class:`BlockRunner` (its ``overrides`` hold the visitor's parameter changes).
 
     Raises:
-        ValueError: unknown ``propagate``. DataError: no batches.
+        ValueError: unknown ``propagate`` or ``unit``. DataError: no batches.
         PreconditionError: the graph cannot be split (see :func:`partition_blocks`).
     """
     if propagate not in PROPAGATE:
@@ -353,7 +400,7 @@ def run_blockwise(
     batches = list(batches) if batches is not None else []
     if not batches:
         raise DataError("blockwise calibration needs at least one calibration batch of input_ids")
-    part = partition_blocks(gm)
+    part = partition_blocks(gm, unit)
     runner = BlockRunner(gm, part, store_dtype)
     runner.start(batches)
     blocks: Iterable[Block] = part.blocks
@@ -364,11 +411,16 @@ def run_blockwise(
     for block in blocks:
         want = list(visitor.observed(block))
         outs: list[Any] = []
-        for i in range(len(batches)):
-            cbs = {n: (lambda v, n=n, i=i: visitor.observe(block, n, v, i)) for n in want}
-            out = runner.run(block, i, observe=cbs)
-            if not block.epilogue and propagate == "original":
-                outs.append(runner._store(out))
+        if propagate == "transformed" and all(n is block.input for n in want):
+            # nothing inside the block is observed: no observation run, the block runs once
+            for i in range(len(batches) if want else 0):
+                visitor.observe(block, block.input, runner.input_value(i), i)
+        else:
+            for i in range(len(batches)):
+                cbs = {n: (lambda v, n=n, i=i: visitor.observe(block, n, v, i)) for n in want}
+                out = runner.run(block, i, observe=cbs)
+                if not block.epilogue and propagate == "original":
+                    outs.append(runner._store(out))
         visitor.transform(block, runner)
         if block.epilogue:
             break
@@ -379,5 +431,5 @@ def run_blockwise(
     return runner
 
 
-__all__ = ["PROPAGATE", "Block", "BlockPartition", "BlockRunner", "BlockVisitor",
+__all__ = ["PROPAGATE", "UNITS", "Block", "BlockPartition", "BlockRunner", "BlockVisitor",
            "partition_blocks", "run_blockwise"]

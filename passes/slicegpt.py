@@ -17,6 +17,24 @@ Slicing keeps the first ``k`` principal directions: the same algebra with the re
 sqrt(d/k) * rms_norm_k(x, eps * d / k)``, so the norm becomes ``rms_norm(x, [k], None,
 eps*d/k)`` and ``sqrt(d/k)`` is folded into its readers. With ``k = d`` slicing is the rotation.
 
+Calibration (``calibration="sequential"``, the default, as the paper and its official code do):
+the bases are decided one residual point at a time, in graph order, on the signals of the model
+whose earlier residual points are already rotated and sliced, in one sweep of the block engine
+(:mod:`compiler.blockwise` with ``unit="segment"``: every stretch between two residual cuts, so
+attention and MLP halves apart). Seen in the original coordinates, the sliced model is the
+original one with every residual tensor of basis ``Q`` projected by ``P = Q_k Q_k^T`` (writers
+``P W``, shortcuts ``x P_a P_c``, and the norm still dividing by ``d``): at each cut the engine
+holds the tensor the next norm reads before its projection (the skip path already projected by
+its own ``P``, plus the unprojected output of the writer just run), takes the covariance of that
+norm's output on it (``rms_norm(x)``, every token weighted alike; the official code uses the norm
+input, which weights tokens by their squared norm: measured worse on stories260K, 21.0 vs 19.2 at
+25%), decides the basis, projects the stored tensor and runs the next unit on it. Each unit runs
+once. ``calibration="once"`` takes every basis from one run of the unsliced model (the former
+procedure). With nothing sliced there is nothing to propagate: for the exact rotation the two
+differ only in how ``basis="global"`` shares bases (one for the stream, or one per block with
+shortcuts that buy nothing there), so ``SliceGPTRotate`` defaults to ``"once"``;
+``SliceGPTRotate(calibration="sequential")`` is ``SliceGPT(sparsity=0)``.
+
 Sites rewritten: the residual stream found by the channel dependency graph (see
 :func:`passes.rotation_invariant.residual_stream`): embedding tables, writers, readers, residual
 adds (shortcuts), norms and shape-only ops on the stream (their literal ``d`` becomes ``k``).
@@ -24,20 +42,36 @@ Nothing is skipped: an op on the stream that is not understood raises ``PassErro
 mutation. The graph is first brought to the rotation-invariant form
 (:mod:`passes.rotation_invariant`, exact) if it is not in it.
 
+With ``calibration="sequential"`` every norm must read the stream at a residual cut (true of
+pre-norm and parallel blocks); otherwise ``PassError`` names the norm (use ``"once"``).
+
 Preconditions: ``canonical``; ``calibrated`` (covariance of every norm output); not yet
 quantized (the pass manager rejects it after ``insert_qdq``). ``SliceGPTRotate``
 is exact; ``SliceGPT`` is lossy. Both establish ``rotation_invariant``. A second
 ``SliceGPTRotate`` reports ``modified=False``.
 
 Hyper-parameters:
-    basis ("global" | "per_norm", default "global"): one basis, the PCA of the norm inputs'
-        summed covariances, and no shortcut matrices; or one PCA basis per norm input with a
-        shortcut matrix on every residual skip path (the paper). Why ``global`` is the default
-        (measured, ``benchmarks/bench_slicegpt.py``): on stories260K it is at most 1% worse on
-        TinyStories from 10% to 50% (and up to 11% better), better on WikiText-2 at every
-        sparsity (25%: 226 vs 252), and the shortcuts cost ``2 k^2`` per block: on the 134M
-        model (ffn only 2.7x hidden) they make 25% slicing compute 87% of the dense model's
-        FLOPs instead of 80%, which puts the paper's variant below a 1.2x speed-up.
+    basis ("global" | "per_norm", default "global"): ``per_norm`` is the paper's: one PCA basis
+        per norm input, a shortcut matrix on every residual skip path (``2 k^2`` per block).
+        ``global`` shares bases as widely as the calibration allows: with
+        ``calibration="once"`` one basis for the whole stream (the PCA of the norm outputs'
+        summed covariances) and no shortcut; with ``"sequential"`` one basis per decoder
+        block (attention and MLP inputs share it; a shortcut only where a block hands the
+        stream to the next, ``k^2`` per block), since a block's basis can only be computed once
+        the blocks before it are sliced. Within a block the basis is the PCA of the two norm
+        outputs' summed covariances, the MLP's taken with the block input projected by the PCA
+        of the first alone; the attention half is then re-run with the block's basis (one extra
+        attention half per block). Measured on stories260K at 25% (README): 18.19 global, 17.92
+        per_norm, 23.15 the former single basis. ``global`` stays the default for its cost:
+        linear-layer multiply-adds per token of the 134M model at 25% (k = 576), as a fraction
+        of the dense model's: 84.7% global, 88.3% per_norm (78.6% / 82.0% with
+        ``slice_head=True``), 75.0% the former single basis.
+    calibration ("sequential" | "once", default "sequential"): see above.
+    slice_head (bool, default False; SliceGPT only): also slice the stream the final norm and
+        the LM head read. The official code leaves it whole (``do_slice_head=False``): the last
+        block writes the full width ``d`` (its shortcut maps ``k -> d``), the head keeps its
+        ``d`` columns. ``True`` is what this pass did before: at 25% on stories260K 19.34
+        (global) / 19.20 (per_norm), with 4.8% fewer parameters than ``False``.
     sparsity (SliceGPT, default 0.25): fraction of the hidden dimension removed, in [0, 1).
     round_to (SliceGPT, default 8): the kept width ``(1 - sparsity) d`` is rounded down to a
         multiple of this (at least ``round_to``).
@@ -52,6 +86,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.blockwise import Block, BlockRunner, BlockVisitor, run_blockwise
 from compiler.errors import PassError, PreconditionError
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.pass_manager import propagate_shapes
@@ -67,6 +102,7 @@ log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 BASES = ("per_norm", "global")
+CALIBRATIONS = ("sequential", "once")
 _MARK = "fxcompress_slicegpt_rotated"
 #: ``gm.meta`` key: per basis, the variance kept (read by the compile report)
 VARIANCE_META = "fxcompress_slicegpt_variance"
@@ -176,6 +212,160 @@ def residual_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream, bas
     return bases, eig
 
 
+def head_key(rs: ResidualStream, keys: dict[int, str]) -> str:
+    """The basis name of the stream the LM head (the last linear reader) reads."""
+    return keys[rs.stream[rs.readers[-1].args[0]]]
+
+
+def normalized_covariance(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``sum_t n_t^T n_t`` (float64, ``[d, d]``) of ``n = rms_norm(x)`` over every token of ``x``.
+
+    Args:
+        x: ``[..., d]`` residual tensor; eps: the norm's epsilon.
+    """
+    x = x.double().reshape(-1, x.shape[-1])
+    n = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return n.T @ n
+
+
+def project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``x Q_k Q_k^T`` (the sliced stream seen in the original coordinates), in ``x``'s dtype."""
+    return ((x.double() @ q) @ q.T).to(x.dtype)
+
+
+class SequentialBases(BlockVisitor):
+    """Decides the residual bases one cut at a time on the sliced model's signals.
+
+    Runs on the unsliced, rotation-invariant graph with ``unit="segment"``: at each cut whose
+    stream a norm reads, the covariance of that norm's output is taken on the stored tensor,
+    the basis of its group decided, and the stored tensor replaced by its projection, so the
+    next unit runs on what the sliced model computes (see the module docstring). A group is one
+    cut (``per_norm``) or a decoder block (``global``): for a group's later cuts the basis is
+    re-estimated from the group's summed covariances and the group's earlier units are re-run
+    from their stored inputs with it.
+
+    Attributes:
+        bases: group name -> ``(eigenvalues [d], Q [d, d])`` float64.
+        group_of_key: basis key (norm name) -> group name.
+    """
+
+    def __init__(self, rs: ResidualStream, keys: dict[int, str], basis: str,
+                 widths: dict[str, int]) -> None:
+        self.rs = rs
+        self.keys = keys
+        self.basis = basis
+        self.widths = widths  # key -> kept width
+        self.norms = {n.name: n for n in rs.norms}
+        # key -> (stream the key's norm reads, its eps)
+        self.norm_input: dict[str, tuple[int, float]] = {}
+        for key in set(keys.values()):
+            n = self.norms[key]
+            eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
+            self.norm_input[key] = (rs.stream[n.args[0]],
+                                    torch.finfo(torch.float32).eps if eps is None else eps)
+        self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.group_of_key: dict[str, str] = {}
+        self._cov: torch.Tensor | None = None
+        # the open group: name, summed covariance, first unit, its raw inputs, units so far
+        self._group: str | None = None
+        self._group_cov: torch.Tensor | None = None
+        self._group_units: list[Block] = []
+        self._group_inputs: list[torch.Tensor] = []
+
+    def _key(self, block: Block) -> str:
+        s = self.rs.stream.get(block.input)
+        if s is None:
+            raise PassError(f"slicegpt: the value {block.input.name} between blocks (at "
+                            f"{ir.site(block.input) or '<top>'}) is not on the residual stream")
+        return self.keys[s]
+
+    def _decides(self, block: Block) -> bool:
+        key = self._key(block)
+        return (key not in self.group_of_key
+                and self.rs.stream[block.input] == self.norm_input[key][0])
+
+    def _group_name(self, runner: BlockRunner, key: str) -> str:
+        """``key`` itself (per_norm), or the decoder block holding the key's norm (global)."""
+        if self.basis != "global":
+            return key
+        unit = next((b for b in runner.partition.blocks if self.norms[key] in b.nodes), None)
+        if unit is None or unit.layer is None or unit.epilogue:
+            return key
+        return f"block{unit.layer}"
+
+    def _q(self, key: str) -> torch.Tensor:
+        return self.bases[self.group_of_key[key]][1][:, :self.widths[key]]
+
+    def observed(self, block: Block) -> list[fx.Node]:
+        return [block.input] if self._decides(block) else []
+
+    def observe(self, block: Block, node: fx.Node, value: torch.Tensor, batch: int) -> None:
+        c = normalized_covariance(value, self.norm_input[self._key(block)][1])
+        self._cov = c if self._cov is None else self._cov + c
+
+    def transform(self, block: Block, runner: BlockRunner) -> None:
+        key = self._key(block)
+        if self._decides(block):
+            group = self._group_name(runner, key)
+            cov, self._cov = self._cov, None
+            if group != self._group:  # a new group starts at this unit
+                self._group, self._group_cov = group, cov
+                self._group_units, self._group_inputs = [], list(runner.inputs)
+            else:
+                self._group_cov = self._group_cov + cov
+                self._replay(runner)
+            self.bases[group] = pca_basis(self._group_cov / self._group_cov.trace())
+            self.group_of_key[key] = group
+        self._group_units.append(block)
+        if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
+            q = self._q(key)
+            runner.replace_inputs([project(x, q) for x in runner.inputs])
+
+    def _replay(self, runner: BlockRunner) -> None:
+        """Re-run the open group's earlier units with its current basis estimate."""
+        self.bases[self._group] = pca_basis(self._group_cov / self._group_cov.trace())
+        xs = []
+        for i, x in enumerate(self._group_inputs):
+            for unit in self._group_units:
+                k = self._key(unit)
+                if k in self.group_of_key:
+                    x = project(x, self._q(k))
+                x = runner.run(unit, i, x)
+            xs.append(x)
+        runner.replace_inputs(xs)
+
+
+def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
+                     keys: dict[int, str], basis: str, widths: dict[str, int], who: str
+                     ) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Decide the bases by sequential calibration (one sweep of the block engine).
+
+    Args:
+        gm: the rotation-invariant, unsliced graph (not modified).
+        ctx: pass context with calibration batches.
+        rs, keys: its residual stream and stream id -> basis key (:func:`basis_keys`).
+        basis: ``"per_norm"`` or ``"global"`` (one basis per decoder block).
+        widths: basis key -> kept width.
+
+    Returns:
+        ``(key -> basis name, basis name -> Q [d, d], basis name -> eigenvalues [d])``.
+
+    Raises:
+        PassError: a norm does not read the stream at a residual cut.
+    """
+    visitor = SequentialBases(rs, keys, basis, widths)
+    run_blockwise(gm, ctx.require_calibration(who), visitor, propagate="transformed",
+                  progress=ctx.progress, desc=who, unit="segment")
+    missing = sorted(set(keys.values()) - set(visitor.group_of_key))
+    if missing:
+        where = {n.name: ir.site(n) or n.name for n in rs.norms}
+        raise PassError(f"{who}: the norm at {where[missing[0]]} reads the residual stream inside "
+                        "a block, not at a residual cut; sequential calibration cannot decide its "
+                        "basis (use calibration='once')")
+    return (dict(visitor.group_of_key), {g: q for g, (_, q) in visitor.bases.items()},
+            {g: v for g, (v, _) in visitor.bases.items()})
+
+
 # ----------------------------------------------------------------------------- mutate
 
 
@@ -184,20 +374,23 @@ def _set(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
 
 
 def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str],
-                    bases: dict[str, torch.Tensor], width: int) -> dict[str, int]:
+                    bases: dict[str, torch.Tensor], width: int | dict[str, int]
+                    ) -> dict[str, int]:
     """Store the residual stream of ``gm`` in the given bases, keeping ``width`` directions.
 
     Args:
         gm: a rotation-invariant GraphModule, mutated in place.
         rs: its residual stream; keys: stream id -> basis name (:func:`basis_keys`).
         bases: basis name -> orthogonal ``[d, d]`` (float64), directions in columns.
-        width: kept directions ``k <= d`` (``k == d`` is an exact rotation).
+        width: kept directions ``k <= d`` (``k == d`` is an exact rotation), for every basis or
+            per basis name.
 
     Returns:
         Counters: ``tables``, ``writers``, ``readers``, ``shortcuts``, ``norms``, ``shape_ops``.
     """
     d = rs.width
-    q = {name: b[:, :width] for name, b in bases.items()}
+    widths = width if isinstance(width, dict) else dict.fromkeys(bases, width)
+    q = {name: b[:, :widths[name]] for name, b in bases.items()}
     stats = dict.fromkeys(("tables", "writers", "readers", "shortcuts", "norms", "shape_ops"), 0)
     # A parameter may be both a writer and a reader (a shortcut from an earlier rotation):
     # each side is transformed once.
@@ -225,11 +418,10 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             stats["writers"] += 1
         if ir.param_node(bn) is not None and once(bn, "out"):
             _set(gm, bn, qk.T @ ir.get_param(gm, bn).double())
-    scale = math.sqrt(d / width)
     for r in rs.readers:
         _, wn, _ = ir.linear_parts(r)
         s_in = rs.stream[r.args[0]]
-        factor = scale if s_in in rs.norm_of_stream else 1.0
+        factor = math.sqrt(d / widths[keys[s_in]]) if s_in in rs.norm_of_stream else 1.0
         if once(wn, "in"):
             _set(gm, wn, ir.get_param(gm, wn).double() @ q[keys[s_in]] * factor)  # W: [out, k]
             stats["readers"] += 1
@@ -239,7 +431,7 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             kx = keys[rs.stream[x]]
             if kx == kc:
                 continue
-            m = bases[kc][:, :width].T @ bases[kx][:, :width]  # linear(x, M) = x Q_x^T Q_c
+            m = q[kc].T @ q[kx]  # linear(x, M) = x Q_x^T Q_c: [k_c, k_x]
             path = ir.module_path(add) or "residual"
             wnode = ir.add_param(gm, f"{path}.slicegpt_shortcut", m.float(), before=add)
             with gm.graph.inserting_before(add):
@@ -249,18 +441,20 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             args[i] = sc
             add.args = tuple(args)
             stats["shortcuts"] += 1
-    if width != d:
-        for n in rs.norms:
-            eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
-            if eps is None:
-                eps = torch.finfo(torch.float32).eps
-            n.args = (n.args[0], [width], None, eps * d / width)
-            stats["norms"] += 1
-        for n in rs.passes:
-            new = [_resize(a, d, width) for a in n.args]
-            if new != list(n.args):
-                n.args = tuple(new)
-                stats["shape_ops"] += 1
+    for n in rs.norms:
+        k = widths[keys[rs.stream[n]]]
+        if k == d:
+            continue
+        eps = n.args[3] if len(n.args) > 3 else n.kwargs.get("eps")
+        if eps is None:
+            eps = torch.finfo(torch.float32).eps
+        n.args = (n.args[0], [k], None, eps * d / k)
+        stats["norms"] += 1
+    for n in rs.passes:
+        new = [_resize(a, d, widths[keys[rs.stream[n]]]) for a in n.args]
+        if new != list(n.args):
+            n.args = tuple(new)
+            stats["shape_ops"] += 1
     return stats
 
 
@@ -272,7 +466,8 @@ def _resize(arg, d: int, k: int):
 
 
 def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
-                   sparsity: float | None, round_to: int, who: str) -> PassResult:
+                   sparsity: float | None, round_to: int, who: str,
+                   calibration: str = "sequential", slice_head: bool = True) -> PassResult:
     """Shared body of :class:`SliceGPTRotate` (``sparsity=None``) and :class:`SliceGPT`."""
     if ctx is None:
         raise PreconditionError(f"{who} needs calibration data; run it through compile() with "
@@ -293,31 +488,49 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     d = rs.width
     width = d if sparsity is None else sliced_width(d, sparsity, round_to)
     keys = basis_keys(rs)
-    bases, eig = residual_bases(gm, ctx, rs, basis)
-    if basis == "global":
-        # one basis everywhere: every add's operands agree, so no shortcut is needed
-        first = next(iter(bases))
-        keys = dict.fromkeys(keys, first)
-        bases, eig = {first: bases[first]}, {first: eig[first]}
-    kept = {n: float(v[:width].clamp(min=0).sum() / v.clamp(min=0).sum()) for n, v in eig.items()}
+    head = head_key(rs, keys)
+    key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
+    if calibration == "sequential":
+        group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who)
+        labels = {}
+        for k, g in group_of.items():
+            labels.setdefault(g, []).append(k)
+    else:
+        bases, eig = residual_bases(gm, ctx, rs, basis)
+        group_of = {k: k for k in bases}
+        if basis == "global":
+            # one basis everywhere: every add's operands agree, so no shortcut is needed (but
+            # where the head's stream keeps its full width: the last add pads with zeros)
+            first = next(iter(bases))
+            group_of = {k: (k if key_width[k] != width else first) for k in bases}
+            bases = {g: bases[first] for g in set(group_of.values())}
+            eig = {g: eig[first] for g in bases}
+        labels = {g: [k for k in group_of if group_of[k] == g] for g in bases}
+        if basis == "global":
+            labels[first] = ["global (all norm inputs)"]
+    keys = {s: group_of[k] for s, k in keys.items()}
+    widths = {group_of[k]: w for k, w in key_width.items()}
+    kept = {n: float(v[:widths[n]].clamp(min=0).sum() / v.clamp(min=0).sum())
+            for n, v in eig.items()}
     # mutate
-    stats = rotate_residual(gm, rs, keys, bases, width)
+    stats = rotate_residual(gm, rs, keys, bases, widths)
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, probe, f"after {who}")
     gm.meta[_MARK] = True
     stats.update({f"rotation_invariant_{k}": v for k, v in pre.items() if v})
-    stats.update(hidden_before=d, hidden_after=width, bases=len(set(keys.values())),
+    stats.update(hidden_before=d, hidden_after=width, bases=len(bases),
                  params_before=params_before, params_after=ir.count_params(gm),
                  min_variance_kept=round(min(kept.values()), 4))
     where = {n.name: ir.site(n) or n.name for n in rs.norms}
+    label = {g: " + ".join(where.get(k, k) for k in ks) for g, ks in labels.items()}
     # for the compile report (compiler.report_capture): the kept variance of every basis
     gm.meta[VARIANCE_META] = [
-        {"basis": "global (all norm inputs)" if basis == "global" else where.get(name, name),
-         "kept": frac, "width": width, "total": d, "cumulative": _cumulative(eig[name])}
+        {"basis": label[name], "kept": frac, "width": widths[name], "total": d,
+         "cumulative": _cumulative(eig[name])}
         for name, frac in kept.items()]
-    notes = [f"stream read by {where.get(name, name)}: {width}/{d} directions keep "
+    notes = [f"stream read by {label[name]}: {widths[name]}/{d} directions keep "
              f"{frac:.2%} of the variance" for name, frac in kept.items()] if width != d else []
     log.info("%s: hidden %d -> %d, %d bases, %d shortcuts, params %d -> %d", who, d, width,
              stats["bases"], stats["shortcuts"], params_before, stats["params_after"])
@@ -333,9 +546,11 @@ def _cumulative(eigenvalues: torch.Tensor, points: int = 256) -> list[float]:
     return [round(float(f), 5) for f in frac[idx]]
 
 
-def _check_basis(who: str, basis: str) -> None:
+def _check_basis(who: str, basis: str, calibration: str) -> None:
     if basis not in BASES:
         raise ValueError(f"{who}: basis must be one of {BASES}, got {basis!r}")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"{who}: calibration must be one of {CALIBRATIONS}, got {calibration!r}")
 
 
 class SliceGPTRotate(Pass):
@@ -347,13 +562,15 @@ class SliceGPTRotate(Pass):
     establishes = frozenset({"rotation_invariant"})
     forbids = frozenset({"quantized"})  # rotating Q/DQ'd weights would mix their grids
 
-    def __init__(self, *, basis: str = "global"):
-        _check_basis(self.name, basis)
+    def __init__(self, *, basis: str = "global", calibration: str = "once"):
+        _check_basis(self.name, basis, calibration)
         self.basis = basis
+        self.calibration = calibration
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         self.check_not_quantized(gm, ctx, "rotate before quantizing")
-        return slice_residual(gm, ctx, basis=self.basis, sparsity=None, round_to=1, who=self.name)
+        return slice_residual(gm, ctx, basis=self.basis, sparsity=None, round_to=1, who=self.name,
+                              calibration=self.calibration)
 
 
 class SliceGPT(Pass):
@@ -365,32 +582,44 @@ class SliceGPT(Pass):
     establishes = frozenset({"rotation_invariant"})
     forbids = frozenset({"quantized"})
 
-    def __init__(self, *, sparsity: float = 0.25, round_to: int = 8, basis: str = "global"):
+    def __init__(self, *, sparsity: float = 0.25, round_to: int = 8, basis: str = "global",
+                 calibration: str = "sequential", slice_head: bool = False):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
                 or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"slicegpt: sparsity must be a number in [0, 1), got {sparsity!r}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"slicegpt: round_to must be a positive int, got {round_to!r}")
-        _check_basis(self.name, basis)
+        _check_basis(self.name, basis, calibration)
+        if not isinstance(slice_head, bool):
+            raise ValueError(f"slicegpt: slice_head must be a bool, got {slice_head!r}")
         self.sparsity = float(sparsity)
         self.round_to = round_to
         self.basis = basis
+        self.calibration = calibration
+        self.slice_head = slice_head
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         self.check_not_quantized(gm, ctx, "slice before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=self.sparsity,
-                              round_to=self.round_to, who=self.name)
+                              round_to=self.round_to, who=self.name,
+                              calibration=self.calibration, slice_head=self.slice_head)
 
 
 __all__ = [
     "BASES",
+    "CALIBRATIONS",
+    "SequentialBases",
     "VARIANCE_META",
     "SliceGPT",
     "SliceGPTRotate",
     "basis_keys",
+    "head_key",
+    "normalized_covariance",
+    "project",
     "pca_basis",
     "residual_bases",
     "rotate_residual",
+    "sequential_bases",
     "slice_residual",
     "sliced_width",
 ]

@@ -7,8 +7,8 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.blockwise import BlockVisitor, partition_blocks, run_blockwise
-from compiler.errors import DataError
+from compiler.blockwise import BlockRunner, BlockVisitor, partition_blocks, run_blockwise
+from compiler.errors import DataError, PassError
 from passes.canonicalize import canonicalize
 from tests.conftest import CORE_FAMILIES, FAMILIES, tiny_graph
 
@@ -118,3 +118,59 @@ def test_bad_input_is_rejected(probe_ids):
         run_blockwise(gm, [probe_ids], BlockVisitor(), propagate="sideways")
     with pytest.raises(DataError, match="at least one calibration batch"):
         run_blockwise(gm, [], BlockVisitor())
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_segment_units_split_each_block_at_its_residual_cuts(family):
+    gm = _graph(family)
+    blocks, segs = partition_blocks(gm), partition_blocks(gm, unit="segment")
+    # the same nodes, cut finer: every decoder block is the run of segments with its layer
+    assert [n for b in segs.blocks for n in b.nodes] == \
+        [n for n in blocks.prologue if n not in segs.prologue] + \
+        [n for b in blocks.blocks for n in b.nodes]
+    for b in blocks.decoder_blocks:
+        mine = [s for s in segs.blocks if s.layer == b.index]
+        assert len(mine) >= 2 and mine[0].input is b.input and mine[-1].output is b.output
+        assert [n for s in mine for n in s.nodes] == b.nodes
+    assert segs.blocks[-1].epilogue and segs.blocks[-1].nodes == blocks.blocks[-1].nodes
+    with pytest.raises(ValueError, match="unit"):
+        partition_blocks(gm, unit="layer")
+
+
+class _InputProjector(BlockVisitor):
+    """Observes only block inputs and zeroes channel 0 of each (through replace_inputs)."""
+
+    def __init__(self):
+        self.inputs: list[torch.Tensor] = []
+
+    def observed(self, block):
+        return [block.input]
+
+    def observe(self, block, node, value, batch):
+        self.inputs.append(value.clone())
+
+    def transform(self, block, runner):
+        xs = [x.clone() for x in runner.inputs]
+        for x in xs:
+            x[..., 0] = 0
+        runner.replace_inputs(xs)
+
+
+def test_input_only_visitor_runs_each_unit_once_on_the_replaced_inputs(probe_ids, monkeypatch):
+    gm = _graph("llama")
+    calls = []
+    run = BlockRunner.run
+    monkeypatch.setattr(BlockRunner, "run",
+                        lambda self, block, *a, **k: calls.append(block.index) or
+                        run(self, block, *a, **k))
+    vis = _InputProjector()
+    runner = run_blockwise(gm, [probe_ids], vis, unit="segment")
+    units = runner.partition.blocks
+    assert calls == [b.index for b in units[:-1]]  # no observation runs; the epilogue not run
+    ref = vis.inputs[0].clone()
+    for b, seen in zip(units[:-1], vis.inputs[1:]):
+        ref[..., 0] = 0
+        ref = run(runner, b, 0, ref)
+        assert torch.equal(seen, ref)
+    with pytest.raises(PassError, match="replace_inputs"):
+        runner.replace_inputs([])

@@ -153,11 +153,14 @@ def test_pruning_marks_parameter_shape_changes(calib):
 
 def test_slicegpt_records_the_kept_variance_of_its_basis(calib):
     r = _run(["slicegpt(sparsity=0.25, round_to=1)"], calib).records[0]
-    (basis,) = r.details["variance"]
-    assert basis["width"] == 48 and basis["total"] == 64
-    assert basis["kept"] == pytest.approx(r.stats["min_variance_kept"], abs=1e-4)
-    curve = basis["cumulative"]
-    assert curve == sorted(curve) and curve[-1] == pytest.approx(1.0)
+    # one basis per block (two blocks) and the head's, which keeps its full width
+    *blocks, head = r.details["variance"]
+    assert len(blocks) == 2 and all(b["width"] == 48 and b["total"] == 64 for b in blocks)
+    assert head["width"] == 64 and head["kept"] == pytest.approx(1.0)
+    assert min(b["kept"] for b in blocks) == pytest.approx(r.stats["min_variance_kept"], abs=1e-4)
+    for basis in r.details["variance"]:
+        curve = basis["cumulative"]
+        assert curve == sorted(curve) and curve[-1] == pytest.approx(1.0)
     assert r.details["activations"]["curves"]  # the rotation moved the linears' inputs
 
 

@@ -1,5 +1,6 @@
 """SliceGPTRotate / SliceGPT: rotation exact, slicing equals the rotated model with the dropped
-directions zeroed, parameter counts, ONNX/ORT parity, composition, bad input."""
+directions zeroed, sequential calibration against an explicit full-model reference, parameter
+counts, ONNX/ORT parity, composition, the stories260K quality gate, bad input."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ import pytest
 import torch
 
 from compiler import ir
-from compiler.errors import PreconditionError
+from compiler.errors import PassError, PreconditionError
 from compiler.pass_base import PassContext
 from compiler.pass_manager import verify_graph
 from passes.canonicalize import canonicalize
 from passes.rotation_invariant import make_rotation_invariant, residual_stream
-from passes.slicegpt import BASES, SliceGPT, SliceGPTRotate, pca_basis, sliced_width
-from tests.conftest import CORE_FAMILIES, needs_stories, stories_graph, tiny_graph
+from passes.slicegpt import (
+    BASES,
+    SliceGPT,
+    SliceGPTRotate,
+    basis_keys,
+    pca_basis,
+    sliced_width,
+)
+from tests.conftest import CORE_FAMILIES, STORIES, needs_stories, stories_graph, tiny_graph
 
 ATOL = 1e-4  # fp32 logits, exact pass
 
@@ -56,6 +64,18 @@ def test_global_basis_is_the_default_and_exact_without_shortcuts(family, probe_i
     assert res.stats["shortcuts"] == 0 and not _shortcuts(gm)
 
 
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_sequential_global_rotation_is_exact_with_one_basis_and_shortcut_per_block(
+        family, probe_ids, calib_batches):
+    gm = canonicalize(tiny_graph(family))
+    ref = gm(probe_ids)
+    res = SliceGPTRotate(calibration="sequential").run(gm, _ctx(calib_batches, probe_ids))
+    verify_graph(gm, probe_ids)
+    torch.testing.assert_close(gm(probe_ids), ref, atol=ATOL, rtol=0)
+    # two decoder blocks and the final norm: a shortcut where each block hands the stream on
+    assert res.stats["bases"] == 3 and res.stats["shortcuts"] == len(_shortcuts(gm)) == 2
+
+
 @needs_stories
 @pytest.mark.parametrize("basis", BASES)
 def test_rotation_is_exact_on_stories260k(basis, probe_ids, calib_batches):
@@ -92,7 +112,8 @@ def test_slicing_equals_rotation_with_dropped_directions_zeroed(family, basis, p
     base = canonicalize(tiny_graph(family))
     k = 40
     sliced = copy.deepcopy(base)
-    SliceGPT(sparsity=0.375, basis=basis).run(sliced, _ctx(calib_batches, probe_ids))
+    SliceGPT(sparsity=0.375, basis=basis, calibration="once", slice_head=True).run(
+        sliced, _ctx(calib_batches, probe_ids))
     # Reference: the exact rotation (same calibration, same bases) with every coordinate >= k of
     # the residual stream forced to zero; the norm still divides by d there, as in the paper.
     ref = copy.deepcopy(base)
@@ -131,7 +152,8 @@ def test_slicing_shrinks_every_residual_parameter(family, basis, probe_ids, cali
         removed += ir.get_param(gm, r.args[1]).shape[0] * (d - k)
     n_shortcuts = len(rs.norms) - 1 if basis == "per_norm" else 0
     before = ir.count_params(gm)
-    res = SliceGPT(sparsity=0.25, basis=basis).run(gm, _ctx(calib_batches, probe_ids))
+    res = SliceGPT(sparsity=0.25, basis=basis, calibration="once", slice_head=True).run(
+        gm, _ctx(calib_batches, probe_ids))
     verify_graph(gm, probe_ids)
     assert res.stats["hidden_after"] == k
     expected = before - removed + n_shortcuts * k * k
@@ -142,12 +164,13 @@ def test_slicing_shrinks_every_residual_parameter(family, basis, probe_ids, cali
     assert gm(probe_ids).shape == (*probe_ids.shape, vocab)
 
 
+@pytest.mark.parametrize("calibration", ["once", "sequential"])
 @pytest.mark.parametrize("family", ["llama", "opt"])
-def test_sparsity_zero_equals_rotation(family, probe_ids, calib_batches):
+def test_sparsity_zero_equals_rotation(family, calibration, probe_ids, calib_batches):
     base = canonicalize(tiny_graph(family))
     a, b = copy.deepcopy(base), copy.deepcopy(base)
-    SliceGPTRotate().run(a, _ctx(calib_batches, probe_ids))
-    SliceGPT(sparsity=0.0).run(b, _ctx(calib_batches, probe_ids))
+    SliceGPTRotate(calibration=calibration).run(a, _ctx(calib_batches, probe_ids))
+    SliceGPT(sparsity=0.0, calibration=calibration).run(b, _ctx(calib_batches, probe_ids))
     torch.testing.assert_close(b(probe_ids), a(probe_ids), atol=0, rtol=0)
 
 
@@ -200,3 +223,160 @@ def test_missing_calibration_is_a_precondition_error(cls, probe_ids):
 def test_unknown_basis_is_rejected():
     with pytest.raises(ValueError, match="basis"):
         SliceGPTRotate(basis="per_block")
+
+
+def test_unknown_calibration_or_non_bool_slice_head_is_rejected():
+    with pytest.raises(ValueError, match="calibration"):
+        SliceGPT(calibration="twice")
+    with pytest.raises(ValueError, match="calibration"):
+        SliceGPTRotate(calibration=None)
+    with pytest.raises(ValueError, match="slice_head"):
+        SliceGPT(slice_head="no")
+
+
+def test_sequential_calibration_needs_every_norm_at_a_residual_cut(probe_ids, calib_batches,
+                                                                   monkeypatch):
+    # A norm whose stream never reaches a block boundary: modelled by hiding every cut's norm
+    # from the engine (the decision table says no cut is any norm's input).
+    import passes.slicegpt as sg
+
+    monkeypatch.setattr(sg.SequentialBases, "_decides", lambda self, block: False)
+    gm = canonicalize(tiny_graph("llama"))
+    with pytest.raises(PassError, match="calibration='once'"):
+        SliceGPT().run(gm, _ctx(calib_batches, probe_ids))
+
+
+# ----------------------------------------------------------------------------- sequential
+
+
+def _projected_model(gm, projections):
+    """The sliced model in the original coordinates: ``gm`` (rotation-invariant, unsliced) run
+    with every residual source and residual add of basis ``key`` multiplied by ``P_key``."""
+    rs = residual_stream(gm)
+    keys = basis_keys(rs)
+    where = {n: keys[rs.stream[n]] for n in [*rs.sources, *rs.adds]}
+
+    class Run(torch.fx.Interpreter):
+        def __init__(self):
+            super().__init__(gm)
+            self.covs = {}
+
+        def run_node(self, n):
+            v = super().run_node(n)
+            if ir.is_op(n, ir.RMS_NORM):  # the norm's output: the paper's PCA input, normalised
+                x = v.detach().double().reshape(-1, v.shape[-1])
+                self.covs[n.name] = self.covs.get(n.name, 0) + x.T @ x
+            if n in where and where[n] in projections:
+                v = (v.double() @ projections[where[n]]).float()
+            return v
+
+    return Run
+
+
+def _pca(c):
+    vals, vecs = torch.linalg.eigh(c)
+    return vecs[:, torch.argsort(vals, descending=True)]
+
+
+def _reference_projections(gm, calib, k, basis, slice_head):
+    """Sequential SliceGPT written out slowly: one full-model run per basis decision, each with
+    every earlier decision applied (no block engine, no cuts)."""
+    rs = residual_stream(gm)
+    order = [n.name for n in rs.norms]
+    head = order[-1]
+    blocks = {}
+    for n in rs.norms:
+        b = ir.block_index(n) if basis == "global" else n.name
+        blocks.setdefault(n.name if b is None else b, []).append(n.name)
+    proj = {}
+
+    def covariance(name):
+        run = _projected_model(gm, proj)()
+        with torch.no_grad():
+            for ids in calib:
+                run.run(ids)
+        return run.covs[name]
+
+    def p(q, key):
+        w = k if (slice_head or key != head) else q.shape[0]
+        return q[:, :w] @ q[:, :w].T
+
+    for group in blocks.values():
+        total = 0
+        for name in group:
+            total = total + covariance(name)
+            q = _pca(total)
+            for done in group[: group.index(name) + 1]:
+                proj[done] = p(q, done)
+    return proj
+
+
+@pytest.mark.parametrize("slice_head", [False, True])
+@pytest.mark.parametrize("basis", BASES)
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_sequential_slicing_equals_an_explicit_full_model_reference(family, basis, slice_head,
+                                                                    probe_ids, calib_batches):
+    base = canonicalize(tiny_graph(family))
+    make_rotation_invariant(base, probe_ids)
+    sliced = copy.deepcopy(base)
+    res = SliceGPT(sparsity=0.25, basis=basis, slice_head=slice_head).run(
+        sliced, _ctx(calib_batches, probe_ids))
+    verify_graph(sliced, probe_ids)
+    proj = _reference_projections(base, calib_batches, 48, basis, slice_head)
+    ref = _projected_model(base, proj)()
+    with torch.no_grad():
+        want = ref.run(probe_ids)
+    # fp32 logits of the sliced graph vs the float64-projected reference (|logits| < 1):
+    # measured <= 4.2e-7 over the 12 cases
+    torch.testing.assert_close(sliced(probe_ids), want, atol=1e-6, rtol=0)
+    assert res.stats["hidden_after"] == 48
+    assert res.stats["bases"] == (5 if basis == "per_norm" else 3)
+    head_norm = list(ir.nodes_of(sliced, ir.RMS_NORM))[-1]
+    assert list(head_norm.args[1]) == ([48] if slice_head else [64])
+
+
+def test_sequential_default_parameter_count(probe_ids, calib_batches):
+    """Global sequential, head whole: one k x k shortcut per block boundary except the last,
+    which maps k -> d; the final norm's stream, the last writer and the head keep d."""
+    gm = canonicalize(tiny_graph("llama"))
+    make_rotation_invariant(gm, probe_ids)
+    rs = residual_stream(gm)
+    d, k = 64, 48
+    head_stream = rs.stream[rs.readers[-1].args[0]]
+    keys = basis_keys(rs)
+    head = keys[head_stream]
+    removed = 0
+    for src in rs.sources:
+        removed += ir.get_param(gm, src.args[0]).shape[0] * (d - k)
+    for w in rs.writers:
+        if keys[rs.stream[w]] != head:
+            removed += ir.get_param(gm, ir.linear_parts(w)[1]).shape[1] * (d - k)
+    for r in rs.readers:
+        if keys[rs.stream[r.args[0]]] != head:
+            removed += ir.get_param(gm, r.args[1]).shape[0] * (d - k)
+    before = ir.count_params(gm)
+    res = SliceGPT(sparsity=0.25).run(gm, _ctx(calib_batches, probe_ids))
+    assert res.stats["shortcuts"] == 2
+    assert ir.count_params(gm) == res.stats["params_after"] == before - removed + k * k + k * d
+
+
+@pytest.mark.slow
+@needs_stories
+def test_stories260k_sequential_slicing_quality_gate():
+    """TinyStories protocol (256 windows, 128 x 256 calibration, seed 0), 25%, width 48."""
+    from compiler.data import calibration_batches, evaluation_windows
+    from compiler.evaluate import perplexity
+
+    windows = evaluation_windows("tinystories", STORIES)
+    calib = calibration_batches("tinystories", STORIES, n=128, window=256, seed=0)
+    base = canonicalize(stories_graph())
+    make_rotation_invariant(base, torch.zeros(2, 8, dtype=torch.long))
+    ppl = {}
+    for name, kw in {"default": {}, "once": {"calibration": "once", "slice_head": True}}.items():
+        gm = copy.deepcopy(base)
+        SliceGPT(sparsity=0.25, round_to=1, **kw).run(gm, PassContext(calibration=calib))
+        ppl[name] = perplexity(gm, windows, progress=False).ppl
+    # measured: default (sequential, global per block, head whole) 18.19; the former procedure
+    # (once, one basis, head sliced) 23.15; the issue's bar: 20% below 23.15 = 18.52
+    assert ppl["default"] <= 18.35, ppl
+    assert abs(ppl["once"] - 23.15) <= 0.01, ppl
