@@ -84,6 +84,11 @@ def pipelines() -> dict[str, list]:
         out[f"prune{r}+lora"] = [StructuredPrune(ratio=r / 100), LoRARecover()]
         out[f"slicegpt{r}"] = [SliceGPT(sparsity=r / 100)]
     out["prune20_attn_off"] = [StructuredPrune(ratio=0.2, prune_attention=False)]
+    # allocation ablations: one ranking by importance per parameter over every layer; or the
+    # first two and the last block left whole, the rest pruned harder so that 20% of all
+    # prunable parameters still go (0.2 x 30 / 27)
+    out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True)]
+    out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]
     return out
 
 

@@ -52,6 +52,10 @@ class PassResult:
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: analyses the pass re-established for the graph it leaves (``(analysis, key, value)``,
+    #: e.g. activation statistics transformed by an exact rescale): cached after invalidation,
+    #: so the next pass does not compute them again
+    analyses: list[tuple[type, dict[str, Any], Any]] = field(default_factory=list)
 
     @classmethod
     def unchanged(cls, gm: fx.GraphModule, notes: Iterable[str] = (), **stats) -> PassResult:
@@ -162,6 +166,14 @@ class AnalysisManager:
         if hit is not None and hit[0] == len(graph.nodes):
             self.hits += 1
             return hit[1]
+        reuse = getattr(analysis, "reuse", None)
+        if reuse is not None:  # a wider cached result answers a narrower request
+            for (name, _), (count, value) in list(entries.items()):
+                if name == analysis.name and count == len(graph.nodes):
+                    answer = reuse(value, gm, **key)
+                    if answer is not None:
+                        self.hits += 1
+                        return answer
         if hit is not None:
             log.debug("analysis %s: graph changed from %d to %d nodes since it was computed; "
                       "recomputing", analysis.name, hit[0], len(graph.nodes))
@@ -170,6 +182,12 @@ class AnalysisManager:
         value = analysis.compute(gm, ctx, **key)
         entries[k] = (len(graph.nodes), value)
         return value
+
+    def put(self, analysis: type[Analysis], gm: fx.GraphModule, value: Any, **key) -> None:
+        """Cache ``value`` as ``analysis`` of ``gm``'s graph with ``key`` (a result a pass
+        derived exactly, e.g. statistics it transformed, instead of computing it again)."""
+        entries = self._cache.setdefault(gm.graph, {})
+        entries[(analysis.name, tuple(sorted(key.items())))] = (len(gm.graph.nodes), value)
 
     def cached(self, gm: fx.GraphModule) -> list[str]:
         """Names of the analyses cached for ``gm``'s graph (one per key), sorted."""

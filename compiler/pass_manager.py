@@ -64,6 +64,9 @@ from compiler.report import PassRecord, Report
 
 log = logging.getLogger(__name__)
 
+#: the analysis whose computations are the report's calibration sweeps (compiler.stats)
+CALIBRATION_ANALYSIS = "activation_stats"
+
 #: Properties satisfied by the context rather than by a pass.
 _CONTEXT_PROPERTIES = {"calibrated": lambda ctx: bool(ctx.calibration)}
 
@@ -226,6 +229,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx, record)
             t0 = time.perf_counter()
+            sweeps0 = ctx.analyses.computed[CALIBRATION_ANALYSIS]
             try:
                 result = p.run(gm, ctx)
             except FxCompressError as e:
@@ -236,6 +240,7 @@ class PassManager:
                     f"{_hist(ctx.history)}"
                 ) from e
             record.seconds = time.perf_counter() - t0
+            record.sweeps = ctx.analyses.computed[CALIBRATION_ANALYSIS] - sweeps0
             if not isinstance(result, PassResult):
                 raise PipelineError(f"pass {i} {p!r} returned {type(result).__name__}, not PassResult")
             gm = result.gm
@@ -244,6 +249,8 @@ class PassManager:
             record.notes = list(result.notes)
             record.tables = {k: list(v) for k, v in result.tables.items()}
             ctx.analyses.invalidate(result.preserved)
+            for analysis, key, value in result.analyses:  # derived exactly by the pass
+                ctx.analyses.put(analysis, gm, value, **key)
             if result.modified:
                 if self.verify:
                     verify_graph(gm, probe, where=f"after pass {i} {p!r}", history=ctx.history)

@@ -25,6 +25,9 @@ class PassRecord:
     modified: bool = False
     skipped: bool = False
     drift: float | None = None  # max |logits - original logits| on the probe batch
+    # calibration runs (activation statistics computed over the calibration set) in the pass;
+    # 0 when it used statistics cached or transformed by an earlier pass
+    sweeps: int = 0
     exact_check: float | None = None  # max |after - before| for exact passes
     stats: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -88,12 +91,13 @@ class Report:
         return write_html(self, path)
 
     def table(self) -> str:
-        """Render as a fixed-width table: pass, seconds, nodes and params before/after, drift."""
-        head = ["#", "pass", "kind", "sec", "nodes", "params", "drift", "stats"]
+        """Render as a fixed-width table: pass, seconds, calibration sweeps, nodes and params
+        before/after, drift, stats."""
+        head = ["#", "pass", "kind", "sec", "sweeps", "nodes", "params", "drift", "stats"]
         rows = [head]
         for r in self.records:
             if r.skipped:
-                rows.append([str(r.index), r.spec, "skipped", "-", "-", "-", "-", ""])
+                rows.append([str(r.index), r.spec, "skipped", "-", "-", "-", "-", "-", ""])
                 continue
             stats = ", ".join(f"{k}={_fmt(v)}" for k, v in r.stats.items() if v not in (0, None, "", []))
             rows.append([
@@ -101,6 +105,7 @@ class Report:
                 r.spec,
                 "exact" if r.exact else "lossy",
                 f"{r.seconds:.2f}",
+                str(r.sweeps),
                 f"{r.nodes_before}->{r.nodes_after}",
                 f"{_human(r.params_before)}->{_human(r.params_after)}",
                 "-" if r.drift is None else f"{r.drift:.2e}",

@@ -203,6 +203,64 @@ class StatsTable(Mapping):
             out.setdefault(t, []).append(s)
         return out
 
+    # ------------------------------------------------------------ exact transforms
+    #
+    # An exact pass that rescales or permutes channels knows how the statistics of the tensors
+    # it changed move; it hands the next pass a transformed table instead of a new calibration
+    # run (the pass manager caches it for the rewritten graph). Per-channel extrema and X^T X
+    # follow a positive per-channel scale and a permutation exactly; the log2 histogram of a
+    # whole tensor is unchanged by a permutation but not recoverable under per-channel scales,
+    # so a rescale drops it (with the per-channel square sums that come with it).
+
+    def answer(self, site_to_tensor: Mapping[str, str], covariance: Iterable[str] = (),
+               histogram: Iterable[str] = ()) -> StatsTable | None:
+        """This table's statistics for the requested sites (``site -> tensor`` in the graph
+        they were measured on: sites sharing a tensor share statistics), or None if a tensor or
+        a requested ``X^T X`` / histogram is missing."""
+        ts = self._tensors
+        if any(t not in ts for t in site_to_tensor.values()):
+            return None
+        if any(s not in site_to_tensor or ts[site_to_tensor[s]].xtx is None for s in covariance):
+            return None
+        if any(s not in site_to_tensor or ts[site_to_tensor[s]].hist is None for s in histogram):
+            return None
+        return StatsTable({t: ts[t] for t in set(site_to_tensor.values())}, site_to_tensor)
+
+    def rescaled(self, factors: Mapping[str, torch.Tensor]) -> StatsTable:
+        """The table after ``x[..., c] *= factors[tensor][c]`` (every factor > 0) on the named
+        tensors; the other tensors are unchanged (the caller guarantees it)."""
+        out = dict(self._tensors)
+        for name, f in factors.items():
+            st = self._tensors[name]
+            f = f.to(torch.float64)
+            if f.shape != st.absmax.shape or not bool((f > 0).all()):
+                raise ValueError(f"rescaled: tensor {name}: factors must be {st.channels} "
+                                 f"positive numbers, got shape {tuple(f.shape)}")
+            xtx = None if st.xtx is None else st.xtx * f[:, None] * f[None, :]
+            out[name] = ChannelStats(st.absmax * f, st.min * f, st.max * f, st.count, xtx)
+        return StatsTable(out, self.site_to_tensor)
+
+    def permuted(self, perms: Mapping[str, torch.Tensor]) -> StatsTable:
+        """The table after ``x = x[..., perms[tensor]]`` on the named tensors."""
+        out = dict(self._tensors)
+        for name, p in perms.items():
+            st = self._tensors[name]
+            p = torch.as_tensor(p, dtype=torch.long)
+            if sorted(p.tolist()) != list(range(st.channels)):
+                raise ValueError(f"permuted: tensor {name}: not a permutation of "
+                                 f"{st.channels} channels")
+            xtx = None if st.xtx is None else st.xtx[p][:, p]
+            sqsum = None if st.sqsum is None else st.sqsum[p]
+            out[name] = ChannelStats(st.absmax[p], st.min[p], st.max[p], st.count, xtx,
+                                     st.hist, sqsum)
+        return StatsTable(out, self.site_to_tensor)
+
+    def without(self, tensors: Iterable[str]) -> StatsTable:
+        """The table without the named tensors (and every site reading them)."""
+        drop = set(tensors)
+        return StatsTable({k: v for k, v in self._tensors.items() if k not in drop},
+                          {s: t for s, t in self.site_to_tensor.items() if t not in drop})
+
     def covariance(self, site: str) -> torch.Tensor:
         """``X^T X / count`` at ``site``.
 
@@ -566,6 +624,20 @@ class ActivationStats(Analysis):
     """
 
     name = "activation_stats"
+
+    @classmethod
+    def reuse(cls, table: StatsTable, gm: fx.GraphModule, *,
+              sites: frozenset[str] | None = None, covariance: frozenset[str] = frozenset(),
+              histogram: frozenset[str] = frozenset()) -> StatsTable | None:
+        """A cached table (e.g. one an exact pass transformed) restricted to this request,
+        or None when it lacks something the request needs."""
+        wanted = set(linear_input_sites(gm) if sites is None else sites)
+        wanted |= set(covariance) | set(histogram)
+        smap = site_map(gm)
+        if any(s not in smap for s in wanted):
+            return None  # an unknown site: computing raises the error naming it
+        order = [s for s in smap if s in wanted]
+        return table.answer({s: smap[s].name for s in order}, covariance, histogram)
 
     @classmethod
     def compute(

@@ -315,8 +315,12 @@ class InsertQDQ(Pass):
         from compiler.stats import ActivationStats
 
         sites = frozenset(a.input_site for a in static)
+        # histograms for the mse / percentile ranges and the noise ranking; act_range="max"
+        # without keep_sensitive needs only the extrema, which an earlier exact pass may have
+        # handed over already (no calibration sweep then)
+        need_hist = self.act_range != "max" or self.keep_sensitive > 0
         table = ctx.analysis(ActivationStats, gm, sites=sites, covariance=frozenset(),
-                             histogram=sites)
+                             histogram=sites if need_hist else frozenset())
         by_tensor: dict[str, list[QuantAnnotation]] = {}
         for a in static:
             by_tensor.setdefault(table.tensor_of(a.input_site), []).append(a)
@@ -326,9 +330,12 @@ class InsertQDQ(Pass):
             absmax = float(st.absmax.max())
             clip = activation_range(st.hist, absmax, self.act_range, percentile=self.percentile,
                                     qmax=anns[0].activation.qmax)
-            rel = relative_noise(st.hist, absmax, clip, anns[0].activation.qmax) \
-                if st.hist is not None and absmax > 0 else 0.0
+            rel = None if st.hist is None else (
+                relative_noise(st.hist, absmax, clip, anns[0].activation.qmax)
+                if absmax > 0 else 0.0)
             rows.append((rel, t, clip, absmax))
+        if not need_hist:  # act_range=max: nothing to rank by, the table keeps graph order
+            return self._max_ranges(rows, by_tensor)
         rows.sort(key=lambda r: -r[0])
         keep = {t for _, t, _, _ in rows[: self.keep_sensitive]}
         scales, notes, ranking = {}, [], []
@@ -362,6 +369,22 @@ class InsertQDQ(Pass):
             notes.append(f"sensitivity: {len(rows)} activation tensors ranked, the first "
                          f"{SENSITIVITY_NOTES} above; every one in the pass's 'sensitivity' "
                          "table (report.json)")
+        return scales, notes, ranking
+
+    def _max_ranges(self, rows, by_tensor) -> tuple[dict[str, float], list[str], list[dict]]:
+        """Scales and the (unranked) table when ranges are the abs-max and no histogram was
+        taken."""
+        scales, ranking = {}, []
+        for _, t, clip, absmax in rows:
+            anns = by_tensor[t]
+            for a in anns:
+                scales[a.input_site] = activation_scale(clip, a.activation)
+            ranking.append({"rank": None, "site": anns[0].input_site, "range": clip,
+                            "absmax": absmax, "noise_db": None, "linears": len(anns),
+                            "kept": None})
+        notes = [f"sensitivity: not ranked, act_range=max takes no histograms ({len(rows)} "
+                 "activation tensors at their abs-max; act_range=mse or keep_sensitive rank "
+                 "them by int8 noise)"]
         return scales, notes, ranking
 
 

@@ -162,7 +162,7 @@ class RPTQReorder(Pass):
         ctx = ctx or PassContext()
         self.check_not_quantized(gm, ctx, "reorder before quantizing")
         ctx.require_calibration("rptq_reorder")
-        from compiler.stats import ActivationStats
+        from compiler.stats import ActivationStats, linear_input_sites
 
         # decide
         groups = ctx.analysis(ChannelGroupsAnalysis, gm)
@@ -185,9 +185,11 @@ class RPTQReorder(Pass):
                 todo.append((g, sites))
         if not todo:
             return PassResult.unchanged(gm, notes, groups_reordered=0)
-        table = ctx.analysis(ActivationStats, gm,
-                             sites=frozenset(s for _, ss in todo for s, _ in ss),
-                             covariance=frozenset())
+        # every linear input, not only the reordered groups': the same one sweep, and the
+        # statistics handed on (permuted) then cover the per-cluster Q/DQ pass's sites
+        table_key = dict(sites=frozenset(s for _, ss in todo for s, _ in ss)
+                         | frozenset(linear_input_sites(gm)), covariance=frozenset())
+        table = ctx.analysis(ActivationStats, gm, **table_key)
         plans = []
         for g, sites in todo:
             feats = []
@@ -224,8 +226,25 @@ class RPTQReorder(Pass):
         gm.recompile()
         log.info("rptq_reorder(clusters=%d): %d groups reordered, %d skipped", self.clusters,
                  reordered, len(notes))
-        return PassResult(gm, True, frozenset({"channel_groups"}),
-                          {"groups_reordered": reordered, "groups_skipped": len(notes)}, notes)
+        result = PassResult(gm, True, frozenset({"channel_groups"}),
+                            {"groups_reordered": reordered, "groups_skipped": len(notes)}, notes)
+        result.analyses.append((ActivationStats, table_key,
+                                permuted_stats(gm, groups, table, plans)))
+        return result
+
+
+def permuted_stats(gm: fx.GraphModule, groups, table, plans):
+    """The activation statistics after the reorder in ``plans``, derived exactly from ``table``:
+    every observed tensor with a channel dim in a reordered group has its per-channel statistics
+    gathered by that group's permutation (its histogram is unchanged); the rest are unchanged."""
+    choice = {g.leaves[0].id: perm for g, _, perm, _ in plans}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    perms = {}
+    for t in set(table.site_to_tensor.values()):
+        idx = groups.dim_index(nodes[t], -1, choice)
+        if idx is not None and not torch.equal(idx, torch.arange(idx.numel())):
+            perms[t] = idx
+    return table.permuted(perms)
 
 
 # ----------------------------------------------------------------------------- per-cluster Q/DQ

@@ -504,7 +504,7 @@ class SmoothQuant(Pass):
         ctx = ctx or PassContext()
         self.check_not_quantized(gm, ctx, "run smoothquant before insert_qdq")
         ctx.require_calibration("smoothquant")
-        from compiler.stats import ActivationStats
+        from compiler.stats import ActivationStats, linear_input_sites
 
         # decide
         groups = ctx.analysis(ChannelGroupsAnalysis, gm)
@@ -514,9 +514,12 @@ class SmoothQuant(Pass):
         if not todo:
             return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
         auto = self.alpha == "auto"
-        table = ctx.analysis(ActivationStats, gm, sites=frozenset(s.site for s in todo),
-                             covariance=frozenset(),
-                             histogram=frozenset(s.site for s in todo) if auto else frozenset())
+        # every linear input in the one sweep: the statistics handed on (smoothed) then cover
+        # insert_qdq's sites
+        table_key = dict(sites=frozenset(s.site for s in todo)
+                         | frozenset(linear_input_sites(gm)), covariance=frozenset(),
+                         histogram=frozenset(s.site for s in todo) if auto else frozenset())
+        table = ctx.analysis(ActivationStats, gm, **table_key)
         if any(table[s.site].absmax.shape[0] != s.channel_of.shape[0] for s in todo):
             bad = next(s for s in todo if table[s.site].absmax.shape[0] != s.channel_of.shape[0])
             raise PassError(f"smoothquant: site {bad.site}: statistics have "
@@ -572,8 +575,46 @@ class SmoothQuant(Pass):
                  "%d skipped", stats["alpha"], len(plans), by_norm, len(plans) - by_norm, skipped)
         # a new gain is a new member of its channel group: the cached groups are stale then
         created = any(s.create_gain for s, _ in plans)
-        return PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
-                          stats, notes)
+        result = PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
+                            stats, notes)
+        if not created:  # a created gain inserts a node after the norm: statistics re-measured
+            result.analyses.append((ActivationStats, dict(table_key),
+                                    smoothed_stats(table, plans)))
+        return result
+
+
+def smoothed_stats(table, plans: list[tuple[SmoothingSite, torch.Tensor]]):
+    """The activation statistics after the folds in ``plans``, derived exactly from ``table``.
+
+    Each smoothed tensor is divided channel-wise by its scales (``x[..., j] / s[channel_of[j]]``):
+    extrema and ``X^T X`` follow, its histogram is dropped (not recoverable). Every other tensor
+    of the table is unchanged except those strictly between a site's producer and its tensor
+    (e.g. ``v_proj``'s output when ``v_proj -> o_proj`` is smoothed), which are dropped.
+    """
+    factors, stale = {}, set()
+    for s, scale in plans:
+        factors[table.tensor_of(s.site)] = 1.0 / scale.to(torch.float64)[s.channel_of]
+        stale |= {n.name for n in _between(s.producer, s.x)}
+    kept = table.without(stale - set(factors))
+    left = set(kept.site_to_tensor.values())
+    return kept.rescaled({t: f for t, f in factors.items() if t in left})
+
+
+def _between(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
+    """Nodes on a path from ``src`` to ``dst`` (both included)."""
+    ahead, todo = set(), [src]
+    while todo:
+        n = todo.pop()
+        if n not in ahead:
+            ahead.add(n)
+            todo.extend(n.users)
+    back, todo = set(), [dst]
+    while todo:
+        n = todo.pop()
+        if n in ahead and n not in back:
+            back.add(n)
+            todo.extend(n.all_input_nodes)
+    return back
 
 
 __all__ = [
@@ -584,6 +625,7 @@ __all__ = [
     "find_smoothing_sites",
     "fold_smoothing_scales",
     "is_quantized_graph",
+    "smoothed_stats",
     "smoothing_scales",
     "trace_linear_producer",
 ]

@@ -1,0 +1,141 @@
+"""Statistics that survive exact passes: SmoothQuant's rescale and RPTQ's permutation hand the
+next pass transformed activation statistics, equal to freshly measured ones, and the next pass
+runs no calibration sweep of its own (the report counts sweeps per pass)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compiler.pass_base import PassContext
+from compiler.pass_manager import PassManager
+from compiler.report import Report
+from compiler.stats import ActivationStats, collect_stats, linear_input_sites
+from passes import make_pass
+from passes.canonicalize import canonicalize
+from tests.conftest import tiny_graph
+
+RTOL = 1e-5  # the issue's bound; measured differences are float64 rounding (~1e-15)
+
+
+def _calib():
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 256, (2, 24), generator=g) for _ in range(3)]
+
+
+def _assert_equal_stats(derived, fresh, *, hist: bool, sites=None):
+    assert set(derived.sites()) <= set(fresh.sites())
+    assert derived.sites(), "nothing derived"
+    for s in sites or derived.sites():
+        a, b = derived[s], fresh[s]
+        for f in ("absmax", "min", "max"):
+            torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=RTOL, atol=1e-12,
+                                       msg=lambda m, s=s, f=f: f"{s} {f}: {m}")
+        assert a.count == b.count
+        if a.xtx is not None:  # relative to the matrix's scale: small off-diagonal sums cancel
+            torch.testing.assert_close(a.xtx, b.xtx, rtol=0,
+                                       atol=RTOL * float(b.xtx.abs().max()))
+        if hist and b.hist is not None:
+            assert a.hist is not None
+            torch.testing.assert_close(a.hist, b.hist, rtol=0, atol=0)
+
+
+def _run(gm, specs, calib):
+    ctx = PassContext(calibration=calib, probe_inputs=calib[0])
+    ctx.properties.add("canonical")
+    report = Report(model="t")
+    PassManager([make_pass(s) for s in specs]).run(gm, ctx, report)
+    return ctx, report
+
+
+def test_rescaled_table_equals_fresh_statistics():
+    # scale one norm output channel-wise by editing its gain: the derived table must equal a
+    # new calibration run of the edited graph, X^T X included
+    gm = canonicalize(tiny_graph("llama"))
+    calib = _calib()
+    site = "model.layers.0.self_attn.q_proj:in"
+    before = collect_stats(gm, calib, covariance=[site], histogram=[site])
+    t = before.tensor_of(site)
+    gain = dict(gm.named_parameters())["model.model.layers.0.input_layernorm.weight"]
+    old = gain.detach().double().clone()
+    with torch.no_grad():
+        gain.mul_(torch.linspace(0.5, 2.0, gain.numel()))
+    f = gain.detach().double() / old  # the factor the float32 gain really applies
+    derived = before.rescaled({t: f})
+    # the other tensors are downstream of the edited gain: only the edited one is derived
+    _assert_equal_stats(derived, collect_stats(gm, calib, covariance=[site]), hist=False,
+                        sites=before.sharing(site))
+    assert derived[site].hist is None  # a whole-tensor histogram is lost under a rescale
+
+
+def test_permuted_table_round_trips_and_keeps_the_histogram():
+    gm = canonicalize(tiny_graph("llama"))
+    site = "model.layers.0.self_attn.q_proj:in"
+    table = collect_stats(gm, _calib(), covariance=[site], histogram=[site])
+    t = table.tensor_of(site)
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    p = table.permuted({t: perm})
+    assert torch.equal(p[site].absmax, table[site].absmax[perm])
+    assert torch.equal(p[site].xtx, table[site].xtx[perm][:, perm])
+    assert torch.equal(p[site].hist, table[site].hist)
+    back = p.permuted({t: torch.argsort(perm)})
+    _assert_equal_stats(back, table, hist=True)
+    with pytest.raises(ValueError, match="permutation"):
+        table.permuted({t: torch.zeros(64, dtype=torch.long)})
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(64), -torch.ones(64), torch.ones(3)])
+def test_rescale_rejects_non_positive_or_misshaped_factors(bad):
+    gm = canonicalize(tiny_graph("llama"))
+    table = collect_stats(gm, _calib())
+    t = table.tensor_of("model.layers.0.self_attn.q_proj:in")
+    with pytest.raises(ValueError, match="positive"):
+        table.rescaled({t: bad.double()})
+
+
+def test_smoothquant_hands_insert_qdq_the_smoothed_statistics_and_no_sweep_is_repeated():
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    ctx, report = _run(gm, ["smoothquant(alpha=0.5)"], calib)
+    derived = ctx.analyses.get(ActivationStats, gm, ctx, sites=frozenset(
+        linear_input_sites(gm)) - {"lm_head:in"})
+    assert ctx.analyses.computed["activation_stats"] == 1  # served by the derived table
+    fresh = collect_stats(gm, calib)
+    _assert_equal_stats(derived, fresh, hist=False)
+    # the whole pipeline: one sweep for the two passes; same scales as with fresh statistics
+    gm2 = canonicalize(tiny_graph("llama"))
+    _, rep = _run(gm2, ["smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8', act_range='max')"],
+                  calib)
+    assert [r.sweeps for r in rep.records] == [1, 0]
+    gm3 = canonicalize(tiny_graph("llama"))
+    _run(gm3, ["smoothquant(alpha=0.5)"], calib)
+    _run(gm3, ["insert_qdq(scheme='w8a8', act_range='max')"], calib)  # own context: measures
+
+    def scales(g):
+        return [n.args[1] for n in g.graph.nodes
+                if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
+
+    assert scales(gm2) == pytest.approx(scales(gm3), rel=RTOL) and scales(gm2)
+    # mse ranges need the histograms a rescale cannot carry: measured again
+    gm4 = canonicalize(tiny_graph("llama"))
+    _, rep = _run(gm4, ["smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"], calib)
+    assert [r.sweeps for r in rep.records] == [1, 1]
+    assert "sweeps" in rep.table().splitlines()[0]
+
+
+def test_rptq_hands_the_cluster_pass_permuted_statistics():
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    ref = copy.deepcopy(gm)
+    _, rep = _run(gm, ["rptq_reorder(clusters=4)", "insert_qdq_clusters"], calib)
+    assert rep.records[0].stats["groups_reordered"] > 0
+    assert [r.sweeps for r in rep.records] == [1, 0]
+    # against the statistics measured on the reordered graph
+    ctx, _ = _run(ref, ["rptq_reorder(clusters=4)"], calib)
+    sites = frozenset(s for s in linear_input_sites(ref) if s != "lm_head:in")
+    derived = ctx.analyses.get(ActivationStats, ref, ctx, sites=sites)
+    assert ctx.analyses.computed["activation_stats"] == 1
+    _assert_equal_stats(derived, collect_stats(ref, calib, sites=sorted(derived.sites())),
+                        hist=False)
