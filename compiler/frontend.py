@@ -365,7 +365,15 @@ def _from_config(config, seed: int, dtype: torch.dtype) -> torch.nn.Module:
 
     _check_config(config)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except Exception as e:  # the family's own code rejects this config; name where
+        site = _innermost_model_frame(e)
+        raise UnsupportedModelError(
+            f"transformers could not build a {config.model_type} causal LM "
+            f"({type(config).__name__}) from this config{' at ' + site if site else ''}: "
+            f"{type(e).__name__}: {str(e).strip()[:300]}"
+        ) from e
     return model.eval()
 
 
@@ -483,21 +491,186 @@ def trace(model: torch.nn.Module, example_inputs: torch.Tensor | None = None) ->
     wrapper = CausalLMWrapper(model)
     batch = torch.export.Dim("batch", max=4096)
     seq = torch.export.Dim("seq", max=max(int(max_pos), 2))
+    guard_note = None
     try:
         with torch.no_grad(), exportable_experts(model):
             ep = torch.export.export(
                 wrapper, (example_inputs,), dynamic_shapes={"input_ids": {0: batch, 1: seq}}
             )
-    except Exception as e:  # torch.export raises many kinds; name the model and the cause
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(
-            f"torch.export failed on {type(model).__name__}: {type(e).__name__}: {first}"
-        ) from e
+    except Exception as e:  # torch.export raises many kinds; name the model, site and cause
+        if not is_constraint_violation(e):
+            raise UnsupportedModelError(
+                f"torch.export failed on {type(model).__name__}{export_failure_site(e, model)}: "
+                f"{export_failure_cause(e)}"
+            ) from e
+        ep, guard_note = _export_checking_guards(wrapper, model, example_inputs, int(max_pos), e)
     gm = ep.module()
+    if guard_note is not None:
+        gm.meta["fxcompress_trace_note"] = guard_note
     normalize(gm)
     gm.meta["fxcompress_model_class"] = type(model).__name__
     gm.meta["fxcompress_config"] = _config_dict(model)
     return gm
+
+
+def is_constraint_violation(e: BaseException) -> bool:
+    """True for torch.export's "Constraints violated" error on the requested dynamic dims."""
+    return "Constraints violated" in str(e).strip().split("\n", 1)[0]
+
+
+#: Sequence lengths at which a trace's shape guards are checked when torch.export cannot prove
+#: them: every length up to this one, then evenly spaced lengths up to the model's maximum.
+GUARD_CHECK_DENSE = 4096
+GUARD_CHECK_SPARSE = 256
+
+
+def _export_checking_guards(wrapper, model, example_inputs, max_pos: int, first_error):
+    """Export with automatic dynamic dims when torch.export cannot prove its guards symbolically.
+
+    torch.export refuses named dynamic dims when a shape guard of the model's code is not
+    implied by the dims' ranges; its solver also fails on guards that hold for every length
+    (``min(2048, seq) <= seq``, ``seq * min(64, 64 * seq) == 64 * seq``, written by MoE routing
+    and sliding-window code). Here the model is exported with ``Dim.AUTO`` (the guards are kept,
+    not proven), and the guards are evaluated on every batch in (2, 3) x sequence length from 2
+    to ``GUARD_CHECK_DENSE`` plus ``GUARD_CHECK_SPARSE`` evenly spaced lengths up to
+    ``max_position_embeddings``. A guard that fails on some length (a model that splits the
+    sequence into fixed chunks, say) is refused, naming the first failing length and the guard.
+
+    Returns:
+        ``(ExportedProgram, note)``; the note says which lengths were checked.
+
+    Raises:
+        UnsupportedModelError: the automatic export failed too, a dim was specialised to one
+            size, or a guard fails on some checked length.
+    """
+    name = type(model).__name__
+    auto = torch.export.Dim.AUTO
+    try:
+        with torch.no_grad(), exportable_experts(model):
+            ep = torch.export.export(wrapper, (example_inputs,),
+                                     dynamic_shapes={"input_ids": {0: auto, 1: auto}})
+    except Exception as e:
+        raise UnsupportedModelError(
+            f"torch.export failed on {name}{export_failure_site(e, model)}: "
+            f"{export_failure_cause(e)}"
+        ) from e
+    gm = ep.module()
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    shape = placeholder.meta["val"].shape
+    for dim, what in ((0, "batch"), (1, "sequence")):
+        if isinstance(shape[dim], int):
+            raise UnsupportedModelError(
+                f"torch.export failed on {name}: the model's code fixes the {what} length to "
+                f"{shape[dim]} (the traced graph would hold for that length only); "
+                f"{export_failure_cause(first_error)}"
+            ) from first_error
+    guards = getattr(gm, "_guards_fn", None)
+    top = max(max_pos, 2)
+    lengths = list(range(2, min(top, GUARD_CHECK_DENSE) + 1))
+    if top > GUARD_CHECK_DENSE:
+        step = (top - GUARD_CHECK_DENSE) / GUARD_CHECK_SPARSE
+        lengths += sorted({GUARD_CHECK_DENSE + round(step * (i + 1))
+                           for i in range(GUARD_CHECK_SPARSE)})
+    if guards is not None:
+        for b in (2, 3):
+            for n in lengths:
+                try:
+                    guards(torch.empty((b, n), dtype=example_inputs.dtype))
+                except Exception as e:  # the guard function raises AssertionError-likes
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                    raise UnsupportedModelError(
+                        f"torch.export failed on {name}: the traced graph does not hold for "
+                        f"every sequence length: batch {b} x {n} tokens breaks a shape guard of "
+                        f"the model's code ({first[:200]}); a model that splits the sequence "
+                        "into fixed chunks, or branches on its length, cannot be traced for "
+                        "every length"
+                    ) from first_error
+    note = (f"torch.export could not prove the shape guards of {name} symbolically; they hold "
+            f"for batch 2 and 3 at every sequence length 2..{min(top, GUARD_CHECK_DENSE)}"
+            + (f" and {GUARD_CHECK_SPARSE} lengths up to {top}" if top > GUARD_CHECK_DENSE
+               else ""))
+    log.info(note)
+    return ep, note
+
+
+def export_failure_site(e: BaseException, model: torch.nn.Module) -> str:
+    """Where in the model's code ``torch.export`` failed, as `` at <module> (<file:line> ...)``.
+
+    The innermost frame of the model's own code (outside torch and fxcompress) names the
+    construct; the innermost ``nn.Module`` among the traceback's frames names the submodule
+    (``model.layers.0.self_attn``). Empty when the failure has no such frame (a guard violated
+    after tracing: see :func:`export_failure_cause`).
+    """
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    names = {id(m): n for n, m in model.named_modules()}
+    module = None
+    code = _innermost_model_frame(e)
+    for tb in reversed(frames):
+        f = tb.tb_frame
+        if module is None:
+            self_ = f.f_locals.get("self")
+            if isinstance(self_, torch.nn.Module) and id(self_) in names:
+                module = names[id(self_)] or "(the model)"
+        if module is not None:
+            break
+    parts = [p for p in (module and f"module {module}", code) if p]
+    return f" at {', '.join(parts)}" if parts else ""
+
+
+def _innermost_model_frame(e: BaseException) -> str:
+    """``file:line in function: `code``` of the innermost traceback frame of the model's code."""
+    tb, last = e.__traceback__, None
+    while tb is not None:
+        if not _is_library_frame(tb.tb_frame.f_code.co_filename):
+            last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    fname, lineno = last.tb_frame.f_code.co_filename, last.tb_lineno
+    line = _source_line(fname, lineno)
+    return f"{_short_path(fname)}:{lineno} in {last.tb_frame.f_code.co_name}" + (
+        f": `{line}`" if line else "")
+
+
+def export_failure_cause(e: BaseException) -> str:
+    """A one-line cause of an export failure; a violated dynamic-shape guard says what it means."""
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else ""
+    if type(e).__name__ == "UserError" and "Constraints violated" in first:
+        guards = [ln.strip(" -") for ln in text.splitlines()[1:] if "generated guard" in ln]
+        guard = guards[0].split("generated guard", 1)[1].strip(" .") if guards else ""
+        dims = first.split("(", 1)[1].split(")", 1)[0] if "(" in first else "a dim"
+        return (f"the model's code constrains the dynamic {dims} dim (guard: {guard[:160]}), so "
+                "torch.export cannot keep it dynamic; a model that pads or splits the sequence "
+                "into fixed chunks, or branches on its length, cannot be traced for any length")
+    return f"{type(e).__name__}: {first[:500]}"
+
+
+def _is_library_frame(filename: str) -> bool:
+    """torch, the standard library and fxcompress itself: not the model's code."""
+    f = filename.replace(os.sep, "/")
+    return ("/torch/" in f or "/torch_" in f or f.startswith("<") or "/contextlib.py" in f
+            or os.path.dirname(os.path.abspath(f)) == os.path.dirname(os.path.abspath(__file__))
+            or ("/lib/python3" in f and "-packages/" not in f)
+            or "/transformers/utils/" in f)
+
+
+def _short_path(filename: str) -> str:
+    f = filename.replace(os.sep, "/")
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in f:
+            return f.split(marker, 1)[1]
+    return f
+
+
+def _source_line(filename: str, lineno: int) -> str:
+    import linecache
+
+    return linecache.getline(filename, lineno).strip()[:120]
 
 
 def _config_dict(model: torch.nn.Module) -> dict:

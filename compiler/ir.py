@@ -10,6 +10,7 @@ from __future__ import annotations
 import weakref
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import fx
@@ -366,6 +367,7 @@ def add_param(gm: fx.GraphModule, target: str, value: torch.Tensor, *, before: f
 
     The ``get_attr`` is inserted before ``before`` (usually the first user).
     """
+    target = _module_owned_name(gm, target)
     name = target
     k = 1
     while _has_attr(gm, name):
@@ -382,6 +384,22 @@ def add_param(gm: fx.GraphModule, target: str, value: torch.Tensor, *, before: f
         node = gm.graph.get_attr(name)
     node.meta["val"] = value.detach()
     return node
+
+
+def _module_owned_name(gm: torch.nn.Module, target: str) -> str:
+    """``target`` with every dot after a non-module attribute made an underscore.
+
+    A module path can run into a parameter or buffer (``lm_head.bias`` + ``.bias_folded``);
+    a new parameter cannot live under a tensor, so it goes beside it (``lm_head.bias_bias_folded``).
+    """
+    parts = target.split(".")
+    mod: Any = gm
+    for i, p in enumerate(parts[:-1]):
+        sub = getattr(mod, p, None) if mod is not None else None
+        if sub is not None and not isinstance(sub, torch.nn.Module):
+            return ".".join(parts[:i] + ["_".join(parts[i:])])
+        mod = sub
+    return target
 
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:

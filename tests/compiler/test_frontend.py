@@ -115,3 +115,66 @@ def test_flat_gguf_folder_and_layout_detection(tmp_path):
     (hf / "m.gguf").write_bytes(b"GGUF")
     assert not is_gguf_folder(hf)
     assert tokenizer_dir_of(tmp_path / "nothing_here") is None
+
+
+# ----------------------------------------------------------------------------- trace failures
+
+
+class _Branchy(torch.nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow cannot be exported
+            return x
+        return -x
+
+
+class _Nested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.blocks = torch.nn.ModuleList([_Branchy()])
+
+    def forward(self, input_ids):
+        return self.blocks[0](self.emb(input_ids))
+
+
+class _Cut(torch.nn.Module):
+    """Adds the first ``min(cap, seq)`` positions to the sequence: a guard ``min(cap, seq) ==
+    seq`` that torch.export cannot prove, true for every length up to ``cap``."""
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.cap = cap
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        return h[:, : min(self.cap, input_ids.shape[1])] + h
+
+
+def test_export_failure_names_the_submodule_and_the_line_of_model_code():
+    from compiler.frontend import trace
+
+    with pytest.raises(UnsupportedModelError,
+                       match=r"failed on _Nested at module blocks\.0, .*test_frontend\.py:\d+ in "
+                             r"forward: `if x\.sum\(\) > 0:.*`: GuardOnDataDependentSymNode"):
+        trace(_Nested(), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_guard_torch_cannot_prove_is_checked_on_every_length_and_kept_dynamic():
+    from compiler.frontend import trace
+
+    model = _Cut(8192)
+    gm = trace(model, torch.zeros(2, 16, dtype=torch.long))  # a plain module: seq <= 4096
+    assert "every sequence length 2..4096" in gm.meta["fxcompress_trace_note"]
+    for shape in ((3, 37), (1, 5)):  # other lengths than the example's: the graph is dynamic
+        x = torch.randint(0, 10, shape)
+        torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+
+
+def test_guard_that_fails_on_some_length_is_refused_naming_the_length():
+    from compiler.frontend import trace
+
+    with pytest.raises(UnsupportedModelError,
+                       match=r"does not hold for every sequence length: batch 2 x 2049 tokens "
+                             r"breaks a shape guard"):
+        trace(_Cut(2048), torch.zeros(2, 16, dtype=torch.long))
