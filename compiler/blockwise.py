@@ -363,6 +363,44 @@ class BlockRunner:
             return self.gm.graph._codegen.process_outputs(out)
         return env[block.output]
 
+    def run_from(self, block: Block, batch: int, given: dict[fx.Node, torch.Tensor],
+                 until: fx.Node, *, overrides: dict[str, torch.Tensor] | None = None
+                 ) -> torch.Tensor:
+        """The value of ``until`` computed from known values of nodes inside ``block``.
+
+        Only the nodes between ``given`` and ``until`` run (what a reference implementation
+        gets by calling a sub-module on its cached input); anything else they read comes from
+        the block's stored input and the side values, so the result equals :meth:`run`'s
+        whenever ``given`` holds the values :meth:`run` would compute.
+
+        Args:
+            block: the block.
+            batch: which calibration batch (selects the side values and the block input).
+            given: node -> its value for this batch (e.g. a stored linear input).
+            until: the node whose value is returned.
+            overrides: parameter overrides for this run only.
+
+        Raises:
+            PassError: ``until`` is not a node of ``block``.
+        """
+        if until not in block.nodes:
+            raise PassError(f"blockwise: {until.name} is not a node of {block.name()}")
+        env: dict[fx.Node, Any] = dict(self.sides[batch])
+        env[block.input] = self.input_value(batch)
+        env.update(given)
+        inside = set(block.nodes)
+        needed: set[fx.Node] = set()
+        stack = [until]
+        while stack:  # the ancestors of ``until`` that are not known yet
+            n = stack.pop()
+            if n in needed or n in env or n not in inside:
+                continue
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+        with torch.no_grad():
+            self._eval([n for n in block.nodes if n in needed], env, overrides)
+        return env[until]
+
 
 def run_blockwise(
     gm: fx.GraphModule,

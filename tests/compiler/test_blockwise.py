@@ -174,3 +174,21 @@ def test_input_only_visitor_runs_each_unit_once_on_the_replaced_inputs(probe_ids
         assert torch.equal(seen, ref)
     with pytest.raises(PassError, match="replace_inputs"):
         runner.replace_inputs([])
+
+
+def test_run_from_a_known_value_runs_only_what_lies_between(probe_ids):
+    gm = _graph("llama")
+    runner = BlockRunner(gm, partition_blocks(gm))
+    runner.start([probe_ids])
+    block = runner.partition.blocks[0]
+    *_, gate, _, down = block.linears()
+    seen = {}
+    ref = runner.run(block, 0, observe={gate.args[0]: lambda v: seen.setdefault("x", v)},
+                     until=down)
+    x = seen["x"]  # the MLP's input (post-attention norm output)
+    assert torch.equal(runner.run_from(block, 0, {gate.args[0]: x}, down), ref)
+    # computed from the given value, not recomputed from the block input: a bias-free MLP maps
+    # 0 to 0 (silu(0) * 0 = 0)
+    assert not runner.run_from(block, 0, {gate.args[0]: torch.zeros_like(x)}, down).any()
+    with pytest.raises(PassError, match="is not a node of block 0"):
+        runner.run_from(block, 0, {}, runner.partition.blocks[1].linears()[0])

@@ -143,5 +143,6 @@ def test_stories260k_awq_quality_gate():
     AWQ(group_size=32, exclude=["*down_proj"]).run(gm, PassContext(calibration=calib))
     p_rtn = perplexity(rtn, windows, progress=False).ppl
     p_awq = perplexity(gm, windows, progress=False).ppl
-    assert p_awq < p_rtn
-    assert p_awq <= 1.06 * fp32
+    # measured 2026-12-02: fp32 4.6908, RTN 4.9966, AWQ 4.9303 (0.987 x RTN, 1.0511 x fp32)
+    assert p_awq <= 0.99 * p_rtn
+    assert p_awq <= 1.053 * fp32
