@@ -276,7 +276,9 @@ def survey_family(model_type: str, layers: int, verify: bool, send) -> dict[str,
         else:
             res["error"] = classify(e)
             if stage == "trace" and res["error"]["outcome"] == "refused" and not (
-                    " at module " in str(e) or ".py:" in str(e) or "constrains the dynamic" in str(e)):
+                    " at module " in str(e) or ".py:" in str(e) or "constrains the dynamic" in str(e)
+                    or "does not hold for every sequence length" in str(e)
+                    or "fixes the" in str(e)):
                 res["error"]["outcome"] = "refused without a site"
         res["seconds"] = time.perf_counter() - t0
         return res

@@ -320,6 +320,11 @@ def make_rotation_invariant(gm: fx.GraphModule, probe: torch.Tensor | None = Non
     emb_norms = [n for n in blocked if _embedding_of(n) is not None]
     post_norms = [n for n in blocked if n not in emb_norms]
     for n in blocked:
+        if n.args[0] in rs.adds:
+            raise PassError(f"norm {n.name} at {ir.site(n)} normalises the residual stream in "
+                            "place (post-LN: it reads the residual add and its output is the "
+                            "next stream, as in BERT); a rotation of the stream cannot pass "
+                            "through it")
         bad = _off_stream_user(rs, n)
         if bad:
             raise PassError(f"norm {n.name} at {ir.site(n)} feeds {bad}, which is neither a "

@@ -84,3 +84,21 @@ def test_norm_feeding_a_non_linear_raises_before_mutating(probe_ids):
     with pytest.raises(PassError, match="feeds relu.*neither a linear nor the residual stream"):
         RotationInvariant().run(gm, PassContext(probe_inputs=probe_ids))
     assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
+
+
+def test_post_layer_norm_stream_is_refused_naming_the_norm(probe_ids):
+    # BERT-style post-LN: x = LN(x + f(x)); the norm reads the residual add and its output is
+    # the next stream, so no rotation of the stream passes through it (was a KeyError)
+    from transformers import BertGenerationConfig
+
+    from compiler.frontend import load_model, trace
+
+    cfg = BertGenerationConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=128, vocab_size=256,
+                               max_position_embeddings=512, is_decoder=True)
+    gm = canonicalize(trace(load_model(cfg, seed=0)))
+    before = copy.deepcopy(gm.state_dict())
+    with pytest.raises(PassError, match=r"norm layer_norm at bert\.embeddings\.LayerNorm "
+                                        r"normalises the residual stream in place \(post-LN"):
+        RotationInvariant().run(gm, PassContext(probe_inputs=probe_ids))
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items())
