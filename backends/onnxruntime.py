@@ -180,8 +180,8 @@ def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) *
             )
     except Exception as e:
         raise ExportError(
-            f"translating the graph to ONNX for {path} failed: {type(e).__name__}: "
-            f"{_first_line(e)}"
+            f"translating the graph to ONNX for {path} failed{_failing_node_site(ep, e)}: "
+            f"{type(e).__name__}: {_first_line(e)}"
         ) from e
     _name_dynamic_axes(program, axis_names)
     return program
@@ -310,6 +310,26 @@ def _quiet() -> Iterator[None]:
                 log.debug("exporter warning: %s: %s", w.category.__name__, w.message)
             if out.getvalue().strip():
                 log.debug("exporter output:\n%s", out.getvalue().rstrip())
+
+
+def _failing_node_site(ep, e: BaseException) -> str:
+    """`` at node N (op) in <module>`` for the node the ONNX translator names, plus what ONNX
+    cannot hold about it (a complex dtype); empty if the message names no node of ``ep``."""
+    import re
+
+    m = re.search(r"translating node %(\w+)", _ANSI.sub("", str(e)))
+    node = next((n for n in ep.graph.nodes if m and n.name == m.group(1)), None)
+    if node is None:
+        return ""
+    stack = node.meta.get("nn_module_stack") or {}
+    module = list(stack.values())[-1][0] if stack else ""
+    module = module.removeprefix("L['self'].").removeprefix("model.") if module else ""
+    op = getattr(node.target, "__name__", str(node.target))
+    site = f" at node {node.name} ({op})" + (f" in {module}" if module else "")
+    vals = [a.meta.get("val") for a in node.all_input_nodes] + [node.meta.get("val")]
+    if any(isinstance(v, torch.Tensor) and v.is_complex() for v in vals):
+        site += ", on a complex tensor (ONNX has no complex dtype)"
+    return site
 
 
 def _first_line(e: BaseException) -> str:

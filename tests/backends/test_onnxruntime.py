@@ -370,3 +370,23 @@ def test_check_parity_fails_on_shape_mismatch_and_nan(tmp_path):
 def test_ort_model_on_missing_file_raises_artifact_error(tmp_path):
     with pytest.raises(ArtifactError, match="missing.onnx"):
         ORTModel(tmp_path / "missing.onnx")
+
+
+def test_untranslatable_complex_op_names_the_node_and_its_module(tmp_path):
+    # DeepSeek-V2's rotary embedding multiplies complex tensors; ONNX has no complex dtype
+    class Rotary(torch.nn.Module):
+        def forward(self, x):
+            z = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(z.unsqueeze(1) * z.unsqueeze(1)).flatten(-2).squeeze(1)
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rot = Rotary()
+
+        def forward(self, x):
+            return self.rot(x)
+
+    with pytest.raises(ExportError, match=r"failed at node \w+ \(\w+\.default\) in rot, on a "
+                                          r"complex tensor \(ONNX has no complex dtype\)"):
+        export_onnx(M(), tmp_path / "c.onnx", example_inputs=torch.randn(2, 3, 4))
