@@ -97,6 +97,26 @@ MATRIX_CONFIGS: dict[str, dict[str, Any]] = {
     "olmoe": dict(model_type="olmoe", hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
                   max_position_embeddings=512, num_experts=4, num_experts_per_tok=2),
+    # from the family survey (benchmarks/family_survey.py): multi-head latent attention
+    # (DeepSeek-V3; one layer is its dense first layer), MLA with a sparse-attention indexer,
+    # gated RMSNorms and shape guards torch.export cannot prove (AXK2: checked per length, see
+    # trace), and partial rotary with parallel attention (CodeGen)
+    "deepseek_v3": dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=128,
+                        moe_intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=4, head_dim=8, q_lora_rank=32, kv_lora_rank=32,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+                        n_group=1, topk_group=1, vocab_size=256, max_position_embeddings=512),
+    "axk2": dict(model_type="axk2", hidden_size=64, intermediate_size=128,
+                 moe_intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=4, head_dim=8, q_lora_rank=32, kv_lora_rank=32,
+                 qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4,
+                 num_experts_per_tok=2, n_shared_experts=1, vocab_size=256,
+                 max_position_embeddings=512, bos_token_id=0, eos_token_id=0,
+                 mlp_layer_types=["dense"], layer_types=["indexed_attention"]),
+    "codegen": dict(model_type="codegen", n_embd=64, n_layer=1, n_head=4, rotary_dim=8,
+                    vocab_size=256, n_positions=512, n_ctx=512, bos_token_id=0,
+                    eos_token_id=0),
     # refused by rotation_invariant / slicegpt (a written-out LayerNorm, see the README table)
     "cohere": dict(model_type="cohere", hidden_size=64, intermediate_size=128,
                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,

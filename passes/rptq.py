@@ -195,6 +195,12 @@ class RPTQReorder(Pass):
             feats = []
             # one point coordinate pair per distinct tensor (q/k/v read the same one)
             reps = {table.tensor_of(s): s for s, _ in reversed(sites)}
+            widths = {s: table[s].min.numel() for s in reps.values()}
+            odd = [s for s, w in widths.items() if w != g.leaves[0].size]
+            if odd:  # a linear reading more than the group's channels (a concatenation)
+                notes.append(f"{g.name}: skipped, {odd[0]} reads {widths[odd[0]]} channels, the "
+                             f"group has {g.leaves[0].size}")
+                continue
             for s in reps.values():
                 st = table[s]
                 norm = float(st.absmax.max()) or 1.0
@@ -206,6 +212,8 @@ class RPTQReorder(Pass):
             ids = kmeans_clusters(points, self.clusters, self.iterations)
             perm, offsets = cluster_permutation(ids)
             plans.append((g, sites, perm, offsets))
+        if not plans:
+            return PassResult.unchanged(gm, notes, groups_reordered=0)
 
         # mutate
         meta = gm.meta.setdefault(CLUSTERS_META, {})

@@ -51,6 +51,7 @@ NOTHING_TO_DO = {
     ("gpt_neox", "fuse_linears"): "q, k, v are already one linear (query_key_value)",
     ("gpt_bigcode", "fuse_linears"): "q, k, v are already one linear (c_attn)",
     ("phi3", "fuse_linears"): "qkv_proj and gate_up_proj are already fused",
+    ("axk2", "simplify_mask"): "the sparse-attention indexer's mask depends on the input values",
     **{(moe, "rptq_reorder"): "the residual group is opaque (the experts' bmm has no coupling "
                               "rule) and the attention groups have several axes"
        for moe in ("mixtral", "olmoe")},
@@ -64,6 +65,9 @@ REFUSED = {
     # which the channel graph does not fold into
     **{(moe, p): "op repeat_interleave (repeat_interleave) at model.layers.0.mlp.experts"
        for moe in ("mixtral", "olmoe") for p in ("rotation_invariant", "slicegpt_rotate")},
+    # a gated RMSNorm: y * sigmoid(mlp(y)) is not a norm a rotation passes through
+    **{("axk2", p): "op sigmoid (sigmoid) at model.layers.0.input_layernorm"
+       for p in ("rotation_invariant", "slicegpt_rotate")},
 }
 
 
