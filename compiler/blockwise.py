@@ -52,6 +52,7 @@ Preconditions: a canonical GraphModule with a ``residual`` channel group; calibr
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,9 @@ from compiler.depgraph import build_channel_groups
 from compiler.errors import DataError, PassError, PreconditionError
 
 log = logging.getLogger(__name__)
+
+#: calibration sweeps run by the engine in this process (the pass manager reports them per pass)
+SWEEPS: Counter[str] = Counter()
 
 PROPAGATE = ("transformed", "original")
 
@@ -439,6 +443,7 @@ def run_blockwise(
     if not batches:
         raise DataError("blockwise calibration needs at least one calibration batch of input_ids")
     part = partition_blocks(gm, unit)
+    SWEEPS["run_blockwise"] += 1  # one pass over the calibration set, block by block
     runner = BlockRunner(gm, part, store_dtype)
     runner.start(batches)
     blocks: Iterable[Block] = part.blocks

@@ -67,6 +67,13 @@ log = logging.getLogger(__name__)
 #: the analysis whose computations are the report's calibration sweeps (compiler.stats)
 CALIBRATION_ANALYSIS = "activation_stats"
 
+
+def _sweeps(ctx: PassContext) -> int:
+    """Calibration sweeps so far: activation-statistics runs plus block-engine runs."""
+    from compiler.blockwise import SWEEPS
+
+    return ctx.analyses.computed[CALIBRATION_ANALYSIS] + sum(SWEEPS.values())
+
 #: Properties satisfied by the context rather than by a pass.
 _CONTEXT_PROPERTIES = {"calibrated": lambda ctx: bool(ctx.calibration)}
 
@@ -229,7 +236,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx, record)
             t0 = time.perf_counter()
-            sweeps0 = ctx.analyses.computed[CALIBRATION_ANALYSIS]
+            sweeps0 = _sweeps(ctx)
             try:
                 result = p.run(gm, ctx)
             except FxCompressError as e:
@@ -240,7 +247,7 @@ class PassManager:
                     f"{_hist(ctx.history)}"
                 ) from e
             record.seconds = time.perf_counter() - t0
-            record.sweeps = ctx.analyses.computed[CALIBRATION_ANALYSIS] - sweeps0
+            record.sweeps = _sweeps(ctx) - sweeps0
             if not isinstance(result, PassResult):
                 raise PipelineError(f"pass {i} {p!r} returned {type(result).__name__}, not PassResult")
             gm = result.gm

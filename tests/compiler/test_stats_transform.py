@@ -139,3 +139,11 @@ def test_rptq_hands_the_cluster_pass_permuted_statistics():
     assert ctx.analyses.computed["activation_stats"] == 1
     _assert_equal_stats(derived, collect_stats(ref, calib, sites=sorted(derived.sites())),
                         hist=False)
+
+
+def test_block_engine_passes_count_one_sweep_each():
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    _, rep = _run(gm, ["slicegpt(sparsity=0.25)", "gptq(bits=4, group_size=-1)"], calib)
+    assert [r.sweeps for r in rep.records] == [1, 1]
+    assert rep.table().splitlines()[2].split()[4] == "1"  # the sweeps column
