@@ -495,8 +495,13 @@ def trace(model: torch.nn.Module, example_inputs: torch.Tensor | None = None) ->
         example_inputs: ``input_ids`` ``[batch, seq]`` (batch, seq >= 2 so export does not
             specialise them); default: random ids of shape ``[2, 16]``.
 
+    When torch.export cannot prove the model's shape guards for the dynamic dims, the guards
+    are checked on every sequence length instead (see :func:`_export_checking_guards`).
+
     Raises:
-        UnsupportedModelError: naming the model class and the underlying export failure.
+        UnsupportedModelError: naming the model class, the submodule and line of model code
+            where export failed (or the first sequence length a shape guard fails on), and the
+            underlying export failure.
     """
     check_causal_lm(model)
     model = model.eval()
