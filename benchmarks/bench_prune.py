@@ -59,7 +59,9 @@ log = logging.getLogger("bench_prune")
 RATIOS = (0.1, 0.2, 0.25, 0.3, 0.5)
 IMPORTANCES = ("l1", "l2", "random", "taylor", "taylor2", "taylor_mean")
 #: bench labels -> StructuredPrune options (``taylor_mean``: LLM-Pruner's mean-loss gradient)
-ESTIMATORS = {"taylor_mean": {"importance": "taylor", "per_sequence": False}}
+ESTIMATORS = {"taylor_mean": {"importance": "taylor", "per_sequence": False},
+              # allocation ablation: one ranking by importance per parameter over all layers
+              "taylor_global": {"importance": "taylor", "global_ranking": True}}
 SPEED_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                 "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
                 "max_position_embeddings": 2048, "tie_word_embeddings": False}
