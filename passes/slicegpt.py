@@ -502,7 +502,9 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
             # one basis everywhere: every add's operands agree, so no shortcut is needed (but
             # where the head's stream keeps its full width: the last add pads with zeros)
             first = next(iter(bases))
-            group_of = {k: (k if key_width[k] != width else first) for k in bases}
+            # (a norm that is not its stream's representative key, e.g. the second norm of a
+            # parallel-attention block, has the sliced width)
+            group_of = {k: (k if key_width.get(k, width) != width else first) for k in bases}
             bases = {g: bases[first] for g in set(group_of.values())}
             eig = {g: eig[first] for g in bases}
         labels = {g: [k for k in group_of if group_of[k] == g] for g in bases}
