@@ -577,9 +577,8 @@ class SmoothQuant(Pass):
         created = any(s.create_gain for s, _ in plans)
         result = PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
                             stats, notes)
-        if not created:  # a created gain inserts a node after the norm: statistics re-measured
-            result.analyses.append((ActivationStats, dict(table_key),
-                                    smoothed_stats(table, plans)))
+        # (a created gain is a new argument of the same norm node: the table's tensors stand)
+        result.analyses.append((ActivationStats, dict(table_key), smoothed_stats(table, plans)))
         return result
 
 

@@ -125,6 +125,26 @@ def test_smoothquant_hands_insert_qdq_the_smoothed_statistics_and_no_sweep_is_re
     assert "sweeps" in rep.table().splitlines()[0]
 
 
+def test_after_slicegpt_the_created_gains_keep_the_handed_over_statistics_valid():
+    # SliceGPT folds the norm gains away; SmoothQuant gives each norm a gain of ones to fold into
+    # (a new argument of the same norm node): its statistics still carry over
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    _, rep = _run(gm, ["slicegpt_rotate", "smoothquant(alpha=0.5)",
+                       "insert_qdq(scheme='w8a8', act_range='max')"], calib)
+    assert rep.records[1].stats["folded_into_norms"] > 0
+    assert [r.sweeps for r in rep.records] == [1, 1, 0]
+    ref = canonicalize(tiny_graph("llama"))
+    _run(ref, ["slicegpt_rotate", "smoothquant(alpha=0.5)"], calib)
+    _run(ref, ["insert_qdq(scheme='w8a8', act_range='max')"], calib)
+
+    def scales(g):
+        return [n.args[1] for n in g.graph.nodes
+                if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
+
+    assert scales(gm) == pytest.approx(scales(ref), rel=RTOL) and scales(gm)
+
+
 def test_rptq_hands_the_cluster_pass_permuted_statistics():
     calib = _calib()
     gm = canonicalize(tiny_graph("llama"))
