@@ -87,6 +87,9 @@ def pipelines() -> dict[str, list]:
     # allocation ablations: one ranking by importance per parameter over every layer; or the
     # first two and the last block left whole, the rest pruned harder so that 20% of all
     # prunable parameters still go (0.2 x 30 / 27)
+    # SliceGPT with the head's input sliced too, and the former one-basis procedure
+    out["slicegpt20_head"] = [SliceGPT(sparsity=0.2, slice_head=True)]
+    out["slicegpt20_once"] = [SliceGPT(sparsity=0.2, calibration="once", slice_head=True)]
     out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True)]
     out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]
     return out
