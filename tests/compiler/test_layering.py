@@ -58,6 +58,14 @@ def test_no_core_module_imports_the_facade():
     assert bad == []
 
 
+def _fresh_python(code: str) -> str:
+    """stdout of ``code`` run in a new interpreter at the repository root (it must succeed)."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
 def test_importing_the_core_loads_no_pass_and_no_backend():
     """Dynamic, in a fresh interpreter: importing every core module (and ``compiler`` itself,
     which re-exports the facade) pulls in no module of ``passes`` or ``backends``."""
@@ -69,10 +77,7 @@ def test_importing_the_core_loads_no_pass_and_no_backend():
         "print(json.dumps({'loaded': sorted(m for m in sys.modules if m.split('.')[0] in "
         "('passes', 'backends')), 'pass_modules': list(registry.pass_modules())}))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(_fresh_python(code).strip().splitlines()[-1])
     assert out["loaded"] == []
     # the facade names the built-in passes; they are imported on the first lookup only
     assert out["pass_modules"] == ["passes"]
@@ -86,10 +91,7 @@ def test_a_name_lookup_imports_the_builtin_passes_named_by_the_facade():
         "p = make_pass('smoothquant(alpha=0.5)')\n"
         "print(type(p).__module__, p.alpha)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["passes.smoothquant", "0.5"]
+    assert _fresh_python(code).split() == ["passes.smoothquant", "0.5"]
 
 
 def test_passes_import_no_private_name_of_another_pass_and_only_algorithm_dependencies():

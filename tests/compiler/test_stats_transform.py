@@ -42,6 +42,12 @@ def _assert_equal_stats(derived, fresh, *, hist: bool, sites=None):
             torch.testing.assert_close(a.hist, b.hist, rtol=0, atol=0)
 
 
+def _static_scales(g) -> list[float]:
+    """The per-tensor activation scales of a Q/DQ graph, in graph order."""
+    return [n.args[1] for n in g.graph.nodes
+            if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
+
+
 def _run(gm, specs, calib):
     ctx = PassContext(calibration=calib, probe_inputs=calib[0])
     ctx.properties.add("canonical")
@@ -113,11 +119,8 @@ def test_smoothquant_hands_insert_qdq_the_smoothed_statistics_and_no_sweep_is_re
     _run(gm3, ["smoothquant(alpha=0.5)"], calib)
     _run(gm3, ["insert_qdq(scheme='w8a8', act_range='max')"], calib)  # own context: measures
 
-    def scales(g):
-        return [n.args[1] for n in g.graph.nodes
-                if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
-
-    assert scales(gm2) == pytest.approx(scales(gm3), rel=RTOL) and scales(gm2)
+    assert _static_scales(gm2) == pytest.approx(_static_scales(gm3), rel=RTOL) \
+        and _static_scales(gm2)
     # mse ranges need the histograms a rescale cannot carry: measured again
     gm4 = canonicalize(tiny_graph("llama"))
     _, rep = _run(gm4, ["smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"], calib)
@@ -138,11 +141,8 @@ def test_after_slicegpt_the_created_gains_keep_the_handed_over_statistics_valid(
     _run(ref, ["slicegpt_rotate", "smoothquant(alpha=0.5)"], calib)
     _run(ref, ["insert_qdq(scheme='w8a8', act_range='max')"], calib)
 
-    def scales(g):
-        return [n.args[1] for n in g.graph.nodes
-                if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default]
-
-    assert scales(gm) == pytest.approx(scales(ref), rel=RTOL) and scales(gm)
+    assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=RTOL) \
+        and _static_scales(gm)
 
 
 def test_rptq_hands_the_cluster_pass_permuted_statistics():
