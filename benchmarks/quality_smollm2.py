@@ -91,6 +91,7 @@ def pipelines() -> dict[str, list]:
     out["slicegpt20_head"] = [SliceGPT(sparsity=0.2, slice_head=True)]
     out["slicegpt20_once"] = [SliceGPT(sparsity=0.2, calibration="once", slice_head=True)]
     out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True)]
+    out["prune20_global+lora"] = [StructuredPrune(ratio=0.2, global_ranking=True), LoRARecover()]
     out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]
     return out
 
