@@ -91,6 +91,16 @@ def stories_graph() -> torch.fx.GraphModule:
     return copy.deepcopy(_graphs["stories260K"])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Run the ``slow`` tests first (stable order otherwise).
+
+    Under ``pytest -n 2`` (``--dist loadgroup``, set in pyproject.toml) the workers take tests in
+    this order: the slow end-to-end tests, collected last, would otherwise start when the other
+    worker has only short tests left, and the run would wait for them on one core.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def probe_ids() -> torch.Tensor:
     """Probe batch [2, 24] of token ids valid for every tiny model (vocab 256)."""

@@ -133,7 +133,9 @@ def test_lowering_rejects_bad_accuracy_level(calib):
 # ----------------------------------------------------------------------------- ORT (slow)
 
 
+# the tests reading ``exported`` run on one worker under -n (--dist loadgroup): exported once
 @pytest.mark.slow
+@pytest.mark.xdist_group("ort_quant_exported")
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_ort_logits_match_the_graph(name, exported, probe_ids):
     gm, ort_model = exported[name]
@@ -142,6 +144,7 @@ def test_ort_logits_match_the_graph(name, exported, probe_ids):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ort_quant_exported")
 @pytest.mark.parametrize("name, kernel", [
     ("w8a8", "MatMulIntegerToFloat"), ("w8a8_dynamic", "MatMulIntegerToFloat"),
     ("w4a16", "MatMulNBits"), ("w4a16_sym", "MatMulNBits"),

@@ -20,6 +20,8 @@ from compiler.report import Report
 from tests.conftest import tiny_model
 
 pytest.importorskip("matplotlib", reason="the HTML report's plots need matplotlib ([report])")
+# one worker compiles the module's model once (under -n, --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("html_report")
 
 
 @pytest.fixture(scope="module")

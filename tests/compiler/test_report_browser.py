@@ -16,7 +16,8 @@ from compiler.cli import main
 from tests.browser import Chromium, find_chromium
 from tests.conftest import REPO, STORIES, needs_stories
 
-pytestmark = [pytest.mark.slow, needs_stories]
+# one worker builds the module's compiled reports once (under -n, --dist loadgroup)
+pytestmark = [pytest.mark.slow, needs_stories, pytest.mark.xdist_group("report_browser")]
 pytest.importorskip("matplotlib", reason="the HTML report's plots need matplotlib ([report])")
 PIL = pytest.importorskip("PIL.Image", reason="Pillow (a matplotlib dependency) reads the PNG")
 

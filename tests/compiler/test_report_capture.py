@@ -57,6 +57,7 @@ def _marks(drawn: dict) -> dict[str, set]:
     return out
 
 
+@pytest.mark.xdist_group("report_capture_sq_w8a8")  # sq_w8a8 compiled once
 def test_smoothquant_marks_the_scaled_linears_and_norms_of_every_block(sq_w8a8):
     g = sq_w8a8.report.records[1].details["graph"]
     assert g["changed"] and g["blocks"] == 2
@@ -71,6 +72,7 @@ def test_smoothquant_marks_the_scaled_linears_and_norms_of_every_block(sq_w8a8):
     assert why == {"rewritten: parameter values"}
 
 
+@pytest.mark.xdist_group("report_capture_sq_w8a8")  # sq_w8a8 compiled once
 def test_qdq_marks_added_quantize_nodes_and_rewired_linears(sq_w8a8):
     g = sq_w8a8.report.records[2].details["graph"]
     assert [(r["first"], r["last"]) for r in g["runs"]] == [(0, 1)]
@@ -87,6 +89,7 @@ def test_qdq_marks_added_quantize_nodes_and_rewired_linears(sq_w8a8):
     assert g["outside"] == "unchanged"  # embedding and LM head stay float
 
 
+@pytest.mark.xdist_group("report_capture_sq_w8a8")  # sq_w8a8 compiled once
 def test_exact_pass_records_one_calibration_sweep_and_canonicalize_none(sq_w8a8):
     sweeps = [r.details["sweeps"] for r in sq_w8a8.report.records]
     assert sweeps == [0, 1, 1]
@@ -176,6 +179,7 @@ def test_unchanged_and_skipped_passes_record_no_graph_change(calib):
     assert skipped.skipped and skipped.details is None
 
 
+@pytest.mark.xdist_group("report_capture_sq_w8a8")  # sq_w8a8 compiled once
 def test_details_are_json_and_survive_save_and_load(sq_w8a8, tmp_path):
     sq_w8a8.save(tmp_path / "art")
     loaded = compiler.load(tmp_path / "art")
