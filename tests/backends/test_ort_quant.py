@@ -181,21 +181,31 @@ def test_w8a8_file_is_under_0_3x_of_fp32(tmp_path, calib):
 ORT_PPL_RTOL = 2e-4
 
 
-@pytest.mark.slow
-@needs_stories
-@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic", "w4a16"])
-def test_stories260k_ort_perplexity_equals_the_graphs(scheme, tmp_path):
+@pytest.fixture(scope="module")
+def stories_fp32():
+    """The 64 evaluation windows, 32 calibration batches and the canonical graph's perplexity,
+    the same for every scheme."""
     from compiler.data import calibration_batches, evaluation_windows
     from compiler.evaluate import perplexity
 
-    model = stories_model()
     windows = evaluation_windows("tinystories", STORIES, n_windows=64)
+    fp32 = perplexity(canonicalize(stories_graph()), windows, progress=False).ppl
+    return windows, calibration_batches("tinystories", STORIES, n=32), fp32
+
+
+@pytest.mark.slow
+@needs_stories
+@pytest.mark.xdist_group("ort_quant_stories260k")  # stories_fp32 computed once under -n
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8_dynamic", "w4a16"])
+def test_stories260k_ort_perplexity_equals_the_graphs(scheme, stories_fp32, tmp_path):
+    from compiler.evaluate import perplexity
+
+    model = stories_model()
+    windows, calib, fp32 = stories_fp32
     gm = canonicalize(stories_graph())
-    fp32 = perplexity(gm, windows, progress=False).ppl
     # W4A16: down_proj (in-features 172) is not a multiple of the group size: left float
     spec = {"group_size": 32, "exclude": ["*down_proj"]} if scheme == "w4a16" else {}
-    InsertQDQ(scheme=scheme, **spec).run(gm, PassContext(
-        calibration=calibration_batches("tinystories", STORIES, n=32)))
+    InsertQDQ(scheme=scheme, **spec).run(gm, PassContext(calibration=calib))
     graph = perplexity(gm, windows, progress=False).ppl
     # W4A16 at the deployment default: MatMulNBits with int8 compute where the CPU has it
     level = "auto" if scheme == "w4a16" else 0
