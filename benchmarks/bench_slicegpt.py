@@ -4,9 +4,10 @@ Quality (BENCHMARKS.md protocol): ``stories260K``; TinyStories eval half and Wik
 256 windows of ``[BOS] + 255`` tokens (65,280 scored tokens each); calibration 128 windows of
 256 tokens from the TinyStories calibration half (seed 0). Variants: the fp32 graph, the exact
 rotation (``slicegpt_rotate``), ``slicegpt`` at each sparsity with its defaults (sequential
-calibration, one basis per block, head whole), with the paper's per-norm bases
-(``--per-norm-sparsities``) and with the former procedure (``calibration="once"``, one basis,
-head sliced; ``--once-sparsities``), the ablation of calibration x head x basis at
+calibration, one basis per block, head whole, the tied head kept tied), with the paper's
+per-norm bases (``--per-norm-sparsities``) and with the former procedure (``calibration="once"``,
+one basis, head sliced and untied; ``--once-sparsities``), the ablation of calibration x head x
+basis x tie at
 ``--ablation-sparsity`` (hidden width ``(1-s)*64``; with ``--quality-round-to 1`` by default,
 since rounding 64 to multiples of 8 would make 20% and 25% the same width), and a random-init
 model of the same config (the "knows nothing" reference).
@@ -70,7 +71,7 @@ def _prepared(model, simplify: bool = False) -> torch.fx.GraphModule:
     return gm
 
 
-FORMER = {"calibration": "once", "slice_head": True}
+FORMER = {"calibration": "once", "slice_head": True, "tied_head": "untie"}
 
 
 def _label(s: float, kw: dict) -> str:
@@ -85,7 +86,8 @@ def quality_variants(sparsities: list[float], per_norm: list[float], once: list[
     out += [(s, dict(FORMER)) for s in once]
     if ablation is not None:
         for basis in ({}, {"basis": "per_norm"}):
-            for extra in ({"slice_head": True}, {"calibration": "once"}):
+            for extra in ({"tied_head": "untie"}, {"slice_head": True, "tied_head": "untie"},
+                          {"calibration": "once", "tied_head": "untie"}, {"calibration": "once"}):
                 out.append((ablation, {**basis, **extra}))
     seen, rows = set(), []
     for s, kw in out:

@@ -22,7 +22,9 @@ Pipelines (pass objects, each with its defaults unless the name says otherwise):
   quantized per token);
 - ``w8a8_dynamic``; ``w4a16`` (group 64: 576 is not a multiple of 128);
 - ``prune{10,20,30}`` (``structured_prune(ratio=r)``), ``+lora`` (then ``lora_recover()``);
-- ``slicegpt{10,20,30}`` (``slicegpt(sparsity=s)``).
+- ``slicegpt{10,20,25,30}`` (``slicegpt(sparsity=s)``); ``slicegpt20_untie``,
+  ``slicegpt20_head``, ``slicegpt20_once`` (the tied head untied, as before ``tied_head``),
+  ``slicegpt20_shared`` (``tied_head="shared_basis"``), ``slicegpt20_once_tied``.
 
 Run: ``python benchmarks/quality_smollm2.py [--only NAME ...] [--out results.jsonl]``; every
 finished variant is appended to ``--out`` as one JSON line (name, perplexity, change vs fp32,
@@ -79,17 +81,24 @@ def pipelines() -> dict[str, list]:
         out[f"sq+w8a8_keep{k}"] = [SmoothQuant(), InsertQDQ(scheme="w8a8", keep_sensitive=k)]
         out[f"sq+w8a8_keep{k}_float"] = [SmoothQuant(), InsertQDQ(
             scheme="w8a8", keep_sensitive=k, sensitive_mode="float")]
+    for r in (10, 20, 25, 30):
+        out[f"slicegpt{r}"] = [SliceGPT(sparsity=r / 100)]
     for r in (10, 20, 30):
         out[f"prune{r}"] = [StructuredPrune(ratio=r / 100)]
         out[f"prune{r}+lora"] = [StructuredPrune(ratio=r / 100), LoRARecover()]
-        out[f"slicegpt{r}"] = [SliceGPT(sparsity=r / 100)]
     out["prune20_attn_off"] = [StructuredPrune(ratio=0.2, prune_attention=False)]
     # allocation ablations: one ranking by importance per parameter over every layer; or the
     # first two and the last block left whole, the rest pruned harder so that 20% of all
     # prunable parameters still go (0.2 x 30 / 27)
-    # SliceGPT with the head's input sliced too, and the former one-basis procedure
-    out["slicegpt20_head"] = [SliceGPT(sparsity=0.2, slice_head=True)]
-    out["slicegpt20_once"] = [SliceGPT(sparsity=0.2, calibration="once", slice_head=True)]
+    # SliceGPT with the tied head untied (the former behaviour): head whole, or its input sliced
+    # too; the former one-basis procedure (untied, or the tie kept); the table sliced and shared
+    # by the head (tied_head="shared_basis"; the default keeps the shared table whole)
+    out["slicegpt20_untie"] = [SliceGPT(sparsity=0.2, tied_head="untie")]
+    out["slicegpt20_head"] = [SliceGPT(sparsity=0.2, slice_head=True, tied_head="untie")]
+    out["slicegpt20_once"] = [SliceGPT(sparsity=0.2, calibration="once", slice_head=True,
+                                       tied_head="untie")]
+    out["slicegpt20_once_tied"] = [SliceGPT(sparsity=0.2, calibration="once")]
+    out["slicegpt20_shared"] = [SliceGPT(sparsity=0.2, tied_head="shared_basis")]
     out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True)]
     out["prune20_global+lora"] = [StructuredPrune(ratio=0.2, global_ranking=True), LoRARecover()]
     out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]

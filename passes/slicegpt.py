@@ -72,6 +72,25 @@ Hyper-parameters:
         block writes the full width ``d`` (its shortcut maps ``k -> d``), the head keeps its
         ``d`` columns. ``True`` is what this pass did before: at 25% on stories260K 19.34
         (global) / 19.20 (per_norm), with 4.8% fewer parameters than ``False``.
+    tied_head ("whole_table" | "shared_basis" | "untie"; default "whole_table" for SliceGPT,
+        "shared_basis" for SliceGPTRotate): what happens to an LM head tied to the embedding
+        table (recognised after the rotation-invariant rewrite, which gives the embedding a
+        private copy ``E`` and folds the final norm's gain ``g`` into the head: a head equal to
+        ``E diag(g)``, see :func:`tied_head`). ``untie`` is the former behaviour: the head
+        becomes a parameter of its own, sliced or not by ``slice_head`` (on SmolLM2 at 20% the
+        model grows, 134.5M -> 141.3M with the head whole). ``whole_table`` keeps ``E`` as it
+        is (full width, original coordinates) and shared: the embedding writes the stream
+        through a ``[k, d]`` map (``Q_0[:, :k]``, the table's rotation and slicing), the head
+        reads the final norm through a ``[d, k_h]`` adapter (``g``, the basis of the final
+        stream and the slicing factor; ``k_h = d`` with ``slice_head=False``): the function is
+        the untied one's (same bases, float rounding apart), with ``V x k`` + ``V x d`` table
+        parameters replaced by ``V x d`` + ``k d`` + ``d k_h``. ``shared_basis`` slices the
+        shared table (``E Q_0[:, :k]``, block 0's basis) and the head reads it through a
+        ``k x k_h`` adapter (``slice_head`` is implied): fewest parameters, but the head then
+        sees the final state projected onto the embedding's kept directions: on SmolLM2 at 20%
+        14.17 with 112.9M parameters against ``whole_table``'s 11.74 with 119.6M. A later run of
+        this pass folds the map and the adapter back into untied tables first (exact). Models
+        whose table is centred (LayerNorm models) are not recognised as tied.
     sparsity (SliceGPT, default 0.25): fraction of the hidden dimension removed, in [0, 1).
     round_to (SliceGPT, default 8): the kept width ``(1 - sparsity) d`` is rounded down to a
         multiple of this (at least ``round_to``).
@@ -103,6 +122,7 @@ aten = torch.ops.aten
 
 BASES = ("per_norm", "global")
 CALIBRATIONS = ("sequential", "once")
+TIED_HEADS = ("whole_table", "shared_basis", "untie")
 _MARK = "fxcompress_slicegpt_rotated"
 #: ``gm.meta`` key: per basis, the variance kept (read by the compile report)
 VARIANCE_META = "fxcompress_slicegpt_variance"
@@ -374,8 +394,8 @@ def _set(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
 
 
 def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str],
-                    bases: dict[str, torch.Tensor], width: int | dict[str, int]
-                    ) -> dict[str, int]:
+                    bases: dict[str, torch.Tensor], width: int | dict[str, int],
+                    skip_readers: frozenset = frozenset()) -> dict[str, int]:
     """Store the residual stream of ``gm`` in the given bases, keeping ``width`` directions.
 
     Args:
@@ -384,6 +404,7 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
         bases: basis name -> orthogonal ``[d, d]`` (float64), directions in columns.
         width: kept directions ``k <= d`` (``k == d`` is an exact rotation), for every basis or
             per basis name.
+        skip_readers: readers left untouched (a tied head: :func:`tie_head`).
 
     Returns:
         Counters: ``tables``, ``writers``, ``readers``, ``shortcuts``, ``norms``, ``shape_ops``.
@@ -419,6 +440,8 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
         if ir.param_node(bn) is not None and once(bn, "out"):
             _set(gm, bn, qk.T @ ir.get_param(gm, bn).double())
     for r in rs.readers:
+        if r in skip_readers:
+            continue
         _, wn, _ = ir.linear_parts(r)
         s_in = rs.stream[r.args[0]]
         factor = math.sqrt(d / widths[keys[s_in]]) if s_in in rs.norm_of_stream else 1.0
@@ -458,6 +481,109 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
     return stats
 
 
+_HEAD_ADAPTER = "slicegpt_head"
+_EMBED_MAP = "slicegpt_embed"
+
+
+def tied_head(gm: fx.GraphModule, rs: ResidualStream
+              ) -> tuple[fx.Node, fx.Node, torch.Tensor] | None:
+    """``(embedding, head, g)`` if the LM head is the embedding table up to a per-column gain.
+
+    That is a tied head in the rotation-invariant form: :mod:`passes.rotation_invariant` gives
+    the embedding a private copy ``E`` and folds the final norm's gain into the head's columns,
+    ``W = E diag(g)`` (each element rounded once to float32). ``g`` is recovered column by
+    column (least squares, float64) and accepted only if every element of ``W`` is within
+    4 float32 ulps of ``E g``; a head that is not such a product (an untied model, or a
+    LayerNorm model whose table was centred) returns None.
+    """
+    if not rs.readers or not rs.sources:
+        return None
+    head = rs.readers[-1]
+    _, wn, _ = ir.linear_parts(head)
+    if ir.param_node(wn) is None or rs.norm_feeding(head) is None:
+        return None
+    w = ir.get_param(gm, wn).double()
+    for src in rs.sources:
+        t = src.args[0]
+        if ir.param_node(t) is None:
+            continue
+        e = ir.get_param(gm, t).double()
+        if e.shape != w.shape or e.shape[1] != rs.width:
+            continue
+        g = (w * e).sum(0) / (e * e).sum(0).clamp(min=1e-300)
+        eg = e * g
+        if bool(((w - eg).abs() <= 4 * torch.finfo(torch.float32).eps * eg.abs() + 1e-30).all()):
+            return src, head, g
+    return None
+
+
+def tie_head(gm: fx.GraphModule, src: fx.Node, head: fx.Node, g: torch.Tensor,
+             q_table: torch.Tensor, q_head: torch.Tensor, factor: float) -> None:
+    """Make the head read the (rotated, sliced) embedding table through a ``k x k`` adapter.
+
+    The table is stored as ``E Q_t`` (``q_table = Q_t[:, :k_t]``); the head read the final norm
+    output ``n`` of basis ``Q_h`` through ``W = E diag(g)`` (and the slicing factor). With
+    ``A = factor * Q_t^T diag(g) Q_h`` (``[k_t, k_h]``), ``linear(linear(n, A), E Q_t) =
+    n Q_h^T diag(g) Q_t Q_t^T E^T * factor``: exact at full width, and with the table sliced
+    the head sees ``E`` projected onto the table's kept directions, as the embedding does.
+    """
+    a = factor * (q_table.T @ (g[:, None] * q_head))
+    path = ir.module_path(head) or "lm_head"
+    anode = ir.add_param(gm, f"{path}.slicegpt_tied_adapter", a.float(), before=head)
+    with gm.graph.inserting_before(head):
+        adapter = gm.graph.call_function(ir.LINEAR, (head.args[0], anode))
+    ir.copy_meta(head, adapter, created_by=_HEAD_ADAPTER)
+    args = list(head.args)
+    args[0], args[1] = adapter, src.args[0]
+    head.args = tuple(args)
+
+
+def map_embedding(gm: fx.GraphModule, src: fx.Node, table: torch.Tensor,
+                  q_table: torch.Tensor) -> None:
+    """Keep the table ``E`` (``table``, original coordinates, full width) and write the stream
+    through ``linear(E[ids], Q_t^T)`` (``[k_t, d]``): the same values as the table ``E Q_t``."""
+    _set(gm, src.args[0], table)
+    path = ir.module_path(src) or "embedding"
+    wnode = ir.add_param(gm, f"{path}.slicegpt_input_map", q_table.T.float(), before=src)
+    with gm.graph.inserting_after(src):
+        lin = gm.graph.call_function(ir.LINEAR, (src, wnode))
+    ir.copy_meta(src, lin, created_by=_EMBED_MAP)
+    src.replace_all_uses_with(lin, delete_user_cb=lambda u: u is not lin)
+
+
+def untie_head_adapters(gm: fx.GraphModule) -> int:
+    """Fold every tied-head adapter and embedding map of an earlier run back into untied
+    tables (exact): head ``W = T A``, embedding ``E M^T``, so that the stream analysis sees a
+    plain head and a plain embedding. Returns how many were folded."""
+    maps = [n for n in ir.nodes_of(gm, ir.LINEAR)
+            if n.meta.get("fxcompress_created_by") == _EMBED_MAP]
+    for lin in maps:
+        emb = lin.args[0]
+        t = ir.get_param(gm, emb.args[0]).double() @ ir.get_param(gm, lin.args[1]).double().T
+        path = ir.module_path(emb) or "embedding"
+        tnode = ir.add_param(gm, f"{path}.weight_untied", t.float(), before=emb)
+        emb.replace_input_with(emb.args[0], tnode)
+        lin.replace_all_uses_with(emb)
+        gm.graph.erase_node(lin)
+    todo = [n for n in ir.nodes_of(gm, ir.LINEAR)
+            if n.meta.get("fxcompress_created_by") == _HEAD_ADAPTER]
+    for adapter in todo:
+        (head,) = adapter.users
+        _, tn, _ = ir.linear_parts(head)
+        w = ir.get_param(gm, tn).double() @ ir.get_param(gm, adapter.args[1]).double()
+        path = ir.module_path(head) or "lm_head"
+        wnode = ir.add_param(gm, f"{path}.weight_untied", w.float(), before=head)
+        args = list(head.args)
+        args[0], args[1] = adapter.args[0], wnode
+        head.args = tuple(args)
+        gm.graph.erase_node(adapter)
+    if todo or maps:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        ir.remove_unused_attrs(gm)
+    return len(todo) + len(maps)
+
+
 def _resize(arg, d: int, k: int):
     if isinstance(arg, (list, tuple)):
         return type(arg)(k if (isinstance(a, int) and not isinstance(a, bool) and a == d) else a
@@ -467,7 +593,8 @@ def _resize(arg, d: int, k: int):
 
 def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
                    sparsity: float | None, round_to: int, who: str,
-                   calibration: str = "sequential", slice_head: bool = True) -> PassResult:
+                   calibration: str = "sequential", slice_head: bool = True,
+                   tied: str = "untie") -> PassResult:
     """Shared body of :class:`SliceGPTRotate` (``sparsity=None``) and :class:`SliceGPT`."""
     if ctx is None:
         raise PreconditionError(f"{who} needs calibration data; run it through compile() with "
@@ -480,6 +607,9 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     if probe is None:
         probe = torch.zeros(2, 8, dtype=torch.long)
     pre = {}
+    refolded = untie_head_adapters(gm)
+    if refolded:
+        ctx.analyses.invalidate(frozenset())
     if not is_rotation_invariant(gm):
         pre = make_rotation_invariant(gm, probe=probe)
         ctx.analyses.invalidate(frozenset())
@@ -489,6 +619,10 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     width = d if sparsity is None else sliced_width(d, sparsity, round_to)
     keys = basis_keys(rs)
     head = head_key(rs, keys)
+    tie = tied_head(gm, rs) if tied != "untie" else None
+    if tie is not None and tied == "shared_basis":
+        slice_head = True  # the head reads the sliced table
+    table = None if tie is None else ir.get_param(gm, tie[0].args[0]).detach().clone()
     key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
     if calibration == "sequential":
         group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who)
@@ -515,14 +649,27 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     kept = {n: float(v[:widths[n]].clamp(min=0).sum() / v.clamp(min=0).sum())
             for n, v in eig.items()}
     # mutate
-    stats = rotate_residual(gm, rs, keys, bases, widths)
+    stats = rotate_residual(gm, rs, keys, bases, widths,
+                            skip_readers=frozenset() if tie is None else frozenset({tie[1]}))
+    if tie is not None:
+        src, head_node, g = tie
+        kt, kh = keys[rs.stream[src]], keys[rs.stream[head_node.args[0]]]
+        q_table = bases[kt][:, :widths[kt]]
+        if tied == "whole_table":
+            map_embedding(gm, src, table, q_table)
+            q_table = torch.eye(d, dtype=torch.float64)
+        tie_head(gm, src, head_node, g, q_table, bases[kh][:, :widths[kh]],
+                 math.sqrt(d / widths[kh]))
     gm.graph.eliminate_dead_code()
+    if tie is not None:
+        ir.remove_unused_attrs(gm)
     gm.graph.lint()
     gm.recompile()
     propagate_shapes(gm, probe, f"after {who}")
     gm.meta[_MARK] = True
     stats.update({f"rotation_invariant_{k}": v for k, v in pre.items() if v})
     stats.update(hidden_before=d, hidden_after=width, bases=len(bases),
+                 head_tied=int(tie is not None), head_adapters_refolded=refolded,
                  params_before=params_before, params_after=ir.count_params(gm),
                  min_variance_kept=round(min(kept.values()), 4))
     where = {n.name: ir.site(n) or n.name for n in rs.norms}
@@ -548,7 +695,9 @@ def _cumulative(eigenvalues: torch.Tensor, points: int = 256) -> list[float]:
     return [round(float(f), 5) for f in frac[idx]]
 
 
-def _check_basis(who: str, basis: str, calibration: str) -> None:
+def _check_basis(who: str, basis: str, calibration: str, tied_head: str = "untie") -> None:
+    if tied_head not in TIED_HEADS:
+        raise ValueError(f"{who}: tied_head must be one of {TIED_HEADS}, got {tied_head!r}")
     if basis not in BASES:
         raise ValueError(f"{who}: basis must be one of {BASES}, got {basis!r}")
     if calibration not in CALIBRATIONS:
@@ -564,15 +713,17 @@ class SliceGPTRotate(Pass):
     establishes = frozenset({"rotation_invariant"})
     forbids = frozenset({"quantized"})  # rotating Q/DQ'd weights would mix their grids
 
-    def __init__(self, *, basis: str = "global", calibration: str = "once"):
-        _check_basis(self.name, basis, calibration)
+    def __init__(self, *, basis: str = "global", calibration: str = "once",
+                 tied_head: str = "shared_basis"):
+        _check_basis(self.name, basis, calibration, tied_head)
         self.basis = basis
         self.calibration = calibration
+        self.tied_head = tied_head
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         self.check_not_quantized(gm, ctx, "rotate before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=None, round_to=1, who=self.name,
-                              calibration=self.calibration)
+                              calibration=self.calibration, tied=self.tied_head)
 
 
 class SliceGPT(Pass):
@@ -585,13 +736,14 @@ class SliceGPT(Pass):
     forbids = frozenset({"quantized"})
 
     def __init__(self, *, sparsity: float = 0.25, round_to: int = 8, basis: str = "global",
-                 calibration: str = "sequential", slice_head: bool = False):
+                 calibration: str = "sequential", slice_head: bool = False,
+                 tied_head: str = "whole_table"):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
                 or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"slicegpt: sparsity must be a number in [0, 1), got {sparsity!r}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"slicegpt: round_to must be a positive int, got {round_to!r}")
-        _check_basis(self.name, basis, calibration)
+        _check_basis(self.name, basis, calibration, tied_head)
         if not isinstance(slice_head, bool):
             raise ValueError(f"slicegpt: slice_head must be a bool, got {slice_head!r}")
         self.sparsity = float(sparsity)
@@ -599,12 +751,14 @@ class SliceGPT(Pass):
         self.basis = basis
         self.calibration = calibration
         self.slice_head = slice_head
+        self.tied_head = tied_head
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         self.check_not_quantized(gm, ctx, "slice before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=self.sparsity,
                               round_to=self.round_to, who=self.name,
-                              calibration=self.calibration, slice_head=self.slice_head)
+                              calibration=self.calibration, slice_head=self.slice_head,
+                              tied=self.tied_head)
 
 
 __all__ = [
@@ -614,6 +768,7 @@ __all__ = [
     "VARIANCE_META",
     "SliceGPT",
     "SliceGPTRotate",
+    "TIED_HEADS",
     "basis_keys",
     "head_key",
     "normalized_covariance",
@@ -624,4 +779,7 @@ __all__ = [
     "sequential_bases",
     "slice_residual",
     "sliced_width",
+    "tie_head",
+    "tied_head",
+    "untie_head_adapters",
 ]
