@@ -87,7 +87,8 @@ def quality_variants(sparsities: list[float], per_norm: list[float], once: list[
     if ablation is not None:
         for basis in ({}, {"basis": "per_norm"}):
             for extra in ({"tied_head": "untie"}, {"slice_head": True, "tied_head": "untie"},
-                          {"calibration": "once", "tied_head": "untie"}, {"calibration": "once"}):
+                          {"calibration": "once", "tied_head": "untie"}, {"calibration": "once"},
+                          {"tied_head": "shared_basis"}):
                 out.append((ablation, {**basis, **extra}))
     seen, rows = set(), []
     for s, kw in out:
