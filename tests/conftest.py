@@ -77,6 +77,21 @@ def tiny_graph(family: str) -> torch.fx.GraphModule:
     return copy.deepcopy(_graphs[family])
 
 
+_compiled: dict[str, object] = {}
+
+
+def tiny_compiled(family: str):
+    """``compiler.compile(tiny_model(family), [])``, compiled once per process: a deep copy each
+    call (safe to mutate). For tests where the compiled model is the input, not the subject."""
+    import copy
+
+    import compiler
+
+    if family not in _compiled:
+        _compiled[family] = compiler.compile(tiny_model(family), [])
+    return copy.deepcopy(_compiled[family])
+
+
 def stories_model() -> torch.nn.Module:
     if "stories260K" not in _models:
         _models["stories260K"] = load_model(STORIES)

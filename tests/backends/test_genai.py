@@ -11,7 +11,7 @@ import torch
 import compiler
 from backends.genai import ORTCausalLM, genai_generate, read_genai_config
 from compiler.errors import ArtifactError
-from tests.conftest import FAMILIES, needs_stories, stories_model, tiny_model
+from tests.conftest import FAMILIES, needs_stories, stories_model, tiny_compiled, tiny_model
 
 try:
     import onnxruntime_genai  # noqa: F401
@@ -43,7 +43,7 @@ def ort_decode_logits(model: ORTCausalLM, ids: torch.Tensor, prompt: int) -> tor
 @pytest.mark.parametrize("family", FAMILIES)
 def test_exported_steps_equal_the_original_models_forward(family, tmp_path):
     model = tiny_model(family)
-    cm = compiler.compile(model, [])
+    cm = tiny_compiled(family)
     folder = cm.export_genai(tmp_path / "g")
     ort_model = ORTCausalLM(folder)
     ids = _ids(256, (2, 10))
@@ -130,7 +130,7 @@ def test_quantized_exports_step_like_the_compiled_graph(scheme, tmp_path):
 
 
 def test_export_into_a_non_empty_folder_is_refused_and_writes_nothing(tmp_path):
-    cm = compiler.compile(tiny_model("llama"), [])
+    cm = tiny_compiled("llama")
     target = tmp_path / "g"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
@@ -148,14 +148,14 @@ def test_failed_export_leaves_no_partial_folder(tmp_path, monkeypatch):
         raise ExportError("simulated failure while translating")
 
     monkeypatch.setattr(genai, "export_kv_onnx", broken)
-    cm = compiler.compile(tiny_model("llama"), [])
+    cm = tiny_compiled("llama")
     with pytest.raises(ExportError, match="simulated"):
         cm.export_genai(tmp_path / "g")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_genai_folder_has_the_config_and_layout_the_runtime_reads(tmp_path):
-    cm = compiler.compile(tiny_model("qwen2"), [])
+    cm = tiny_compiled("qwen2")
     folder = cm.export_genai(tmp_path / "g")
     cfg = json.loads((folder / "genai_config.json").read_text())
     dec = cfg["model"]["decoder"]
@@ -182,7 +182,7 @@ def test_reading_a_folder_that_is_not_a_genai_export_is_a_clear_error(tmp_path):
 
 
 def test_ort_runner_checks_past_count_and_prompt_length(tmp_path):
-    cm = compiler.compile(tiny_model("llama"), [])
+    cm = tiny_compiled("llama")
     model = ORTCausalLM(cm.export_genai(tmp_path / "g"))
     ids = _ids(256, (1, 4))
     past = model.empty_cache(1)
@@ -202,7 +202,7 @@ def test_ort_runner_checks_past_count_and_prompt_length(tmp_path):
 @pytest.mark.parametrize("fused", [True, False])
 def test_genai_generates_what_the_graph_generates_with_and_without_a_shared_buffer(fused,
                                                                                   tmp_path):
-    cm = compiler.compile(tiny_model("llama"), [])
+    cm = tiny_compiled("llama")
     folder = cm.export_genai(tmp_path / "g", fused=fused)
     cfg = read_genai_config(folder)
     assert cfg["search"]["past_present_share_buffer"] is fused

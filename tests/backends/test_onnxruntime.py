@@ -19,6 +19,7 @@ from tests.conftest import (
     needs_stories,
     stories_graph,
     stories_model,
+    tiny_compiled,
     tiny_model,
 )
 
@@ -56,9 +57,7 @@ def export_dir(tmp_path_factory) -> Path:
 def _exported(family: str, export_dir: Path) -> tuple[torch.fx.GraphModule, Path]:
     """``compile(model, passes=[])`` of ``family`` and its ``export_onnx`` (once per family per run)."""
     if family not in _EXPORTS or not _EXPORTS[family][1].exists():
-        import compiler
-
-        cm = compiler.compile(tiny_model(family), [])
+        cm = tiny_compiled(family)
         _EXPORTS[family] = (cm.graph_module, export_dir / f"{family}.onnx")
         cm.export_onnx(_EXPORTS[family][1])
     return _EXPORTS[family]

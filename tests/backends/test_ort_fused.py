@@ -12,7 +12,7 @@ from backends.onnxruntime import ORTModel
 from backends.ort_fused import lower_fused
 from compiler.kv_cache import KVCacheGraph, decode_logits
 from tests.backends.test_genai import ort_decode_logits
-from tests.conftest import needs_stories, stories_model, tiny_model
+from tests.conftest import needs_stories, stories_model, tiny_compiled, tiny_model
 
 
 def _ids(vocab: int, shape, seed: int = 3) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _export_both(cm, tmp_path):
 # every family's fused export is also checked against its original model in test_genai
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_fused_export_equals_the_unfused_export_prefill_and_decode(family, tmp_path):
-    cm = compiler.compile(tiny_model(family), [])
+    cm = tiny_compiled(family)
     fused, plain = _export_both(cm, tmp_path)
     ids = _ids(256, (1, 11))
     got = ort_decode_logits(ORTCausalLM(fused), ids, prompt=7)
@@ -43,7 +43,7 @@ def test_fused_export_equals_the_unfused_export_prefill_and_decode(family, tmp_p
 
 
 def test_llama_norms_and_attention_lower_to_ort_kernels(tmp_path):
-    cm = compiler.compile(tiny_model("llama"), [])
+    cm = tiny_compiled("llama")
     _, stats = lower_fused(cm.kv_cache())
     # 2 layers: layer 0's input norm reads the embeddings (no add): a plain norm; the other 4
     # read a residual sum (the final one a sum nothing else reads): skip norms
@@ -80,7 +80,7 @@ def test_fused_qkv_projection_feeds_attention_packed(family, tmp_path):
 
 
 def test_gpt2_layer_norms_with_residual_become_skip_layer_norm(tmp_path):
-    cm = compiler.compile(tiny_model("gpt2"), [])
+    cm = tiny_compiled("gpt2")
     _, stats = lower_fused(cm.kv_cache())
     assert stats.skip_layer_norms == 4 and stats.attentions == 2
     # layer 0's ln_1 reads token + position embeddings, a sum that broadcasts (positions are
@@ -89,7 +89,7 @@ def test_gpt2_layer_norms_with_residual_become_skip_layer_norm(tmp_path):
 
 
 def test_fused_torch_graph_equals_the_kv_graph():
-    cm = compiler.compile(tiny_model("qwen2"), [])
+    cm = tiny_compiled("qwen2")
     kv = cm.kv_cache()
     gm, _ = lower_fused(kv)
     ids = _ids(256, (2, 9))
