@@ -33,6 +33,7 @@ import copy
 import gc
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -61,7 +62,13 @@ IMPORTANCES = ("l1", "l2", "random", "taylor", "taylor2", "taylor_mean")
 #: bench labels -> StructuredPrune options (``taylor_mean``: LLM-Pruner's mean-loss gradient)
 ESTIMATORS = {"taylor_mean": {"importance": "taylor", "per_sequence": False},
               # allocation ablation: one ranking by importance per parameter over all layers
-              "taylor_global": {"importance": "taylor", "global_ranking": True}}
+              "taylor_global": {"importance": "taylor", "global_ranking": True,
+                                "global_cap": math.inf},
+              # MLP channels ranked across layers without a cap (attention per layer)
+              "taylor_global_mlp": {"importance": "taylor", "global_ranking": "mlp",
+                                    "global_cap": math.inf},
+              # every group per layer (LLM-Pruner's allocation, the former default)
+              "taylor_layer": {"importance": "taylor", "global_ranking": False}}
 SPEED_CONFIG = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                 "num_key_value_heads": 12, "intermediate_size": 2048, "vocab_size": 32000,
                 "max_position_embeddings": 2048, "tie_word_embeddings": False}

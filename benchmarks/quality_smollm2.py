@@ -37,6 +37,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -99,8 +100,14 @@ def pipelines() -> dict[str, list]:
                                        tied_head="untie")]
     out["slicegpt20_once_tied"] = [SliceGPT(sparsity=0.2, calibration="once")]
     out["slicegpt20_shared"] = [SliceGPT(sparsity=0.2, tied_head="shared_basis")]
-    out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True)]
-    out["prune20_global+lora"] = [StructuredPrune(ratio=0.2, global_ranking=True), LoRARecover()]
+    out["prune20_global"] = [StructuredPrune(ratio=0.2, global_ranking=True, global_cap=math.inf)]
+    out["prune20_global+lora"] = [StructuredPrune(ratio=0.2, global_ranking=True,
+                                                  global_cap=math.inf), LoRARecover()]
+    # the default's allocation candidates one by one: per layer (the former default), MLP
+    # channels ranked across layers under a cap of c x their average fraction
+    out["prune20_layer"] = [StructuredPrune(ratio=0.2, global_ranking=False)]
+    for c in (1.25, 1.5, 2):
+        out[f"prune20_cap{c:g}"] = [StructuredPrune(ratio=0.2, global_cap=c)]
     out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]
     return out
 

@@ -1,15 +1,58 @@
-"""structured_prune's max_unit_overshoot: a group whose unit is far coarser than the ratio
-(SmolLM2's 3 kv heads at 20%) stays whole and its share of the ratio moves to the others."""
+"""structured_prune's allocation: a group whose unit is far coarser than the ratio (SmolLM2's
+3 kv heads at 20%) stays whole and its share of the ratio moves to the others
+(max_unit_overshoot); MLP channels ranked across layers under a cap chosen by calibration loss
+(global_ranking="mlp", global_cap="auto", the defaults)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
+import torch
+
+from compiler import ir
+from compiler.evaluate import next_token_loss
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
-from passes.structured_prune import StructuredPrune
+from passes.structured_prune import CAP_CANDIDATES, StructuredPrune
 from tests.conftest import tiny_graph
+
+_DOWN = "model.model.layers.{}.mlp.down_proj.weight"
+_HEAD = "model.lm_head.weight"
+#: the MLPs' per-layer ratio at 0.2 once the whole kv groups' share moved to them (128 channels)
+_PER_LAYER = 38
+
+
+def _greedy_text(gm: torch.fx.GraphModule, n: int = 4, seq: int = 16) -> list[torch.Tensor]:
+    """The model's own greedy continuations of random first tokens, in batches of 2: text the
+    unpruned model predicts well, so removing channels that matter raises the loss."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 256, (2 * n, 1), generator=g)
+    with torch.no_grad():
+        for _ in range(seq - 1):
+            ids = torch.cat([ids, gm(ids)[:, -1:].argmax(-1)], 1)
+    return list(ids.split(2))
+
+
+def _mlp_removed(decision) -> list[int]:
+    return [len(d.removed) for d in sorted(decision.groups.values(), key=lambda d: d.block)
+            if d.kind == "mlp"]
+
+
+def _quiet_second_mlp() -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Tiny llama whose block-1 MLP writes 1e-3 of its output (its channels matter little) and
+    whose LM head is 30x sharper (confident predictions), with its own text as calibration."""
+    if not _QUIET:
+        gm = canonicalize(tiny_graph("llama"))
+        ir.set_param(gm, _DOWN.format(1), ir.get_param(gm, _DOWN.format(1)) * 1e-3)
+        ir.set_param(gm, _HEAD, ir.get_param(gm, _HEAD) * 30)
+        _QUIET.append((gm, _greedy_text(gm)))
+    gm, calib = _QUIET[0]
+    return copy.deepcopy(gm), calib
+
+
+_QUIET: list = []  # built once per process
 
 
 def test_coarse_kv_groups_stay_whole_and_the_ratio_still_holds():
@@ -43,3 +86,66 @@ def test_fine_enough_units_are_pruned_as_before():
 def test_bad_max_unit_overshoot_is_rejected(bad):
     with pytest.raises(ValueError, match="max_unit_overshoot"):
         StructuredPrune(max_unit_overshoot=bad)
+
+
+def test_default_moves_mlp_pruning_to_the_layer_that_matters_least():
+    # per layer (the former default) both MLPs would lose the same 38 channels
+    gm, calib = _quiet_second_mlp()
+    ctx = PassContext(calibration=calib)
+    res = StructuredPrune(ratio=0.2).run(gm, ctx)
+    decision = ctx.extra["structured_prune"]
+    removed = _mlp_removed(decision)
+    assert removed[1] > _PER_LAYER > removed[0], removed
+    assert decision.global_cap > 1 and res.stats["global_cap"] == decision.global_cap
+    assert sum(removed) == pytest.approx(2 * _PER_LAYER, abs=1)  # moved, not more removed
+    assert res.stats["prunable_fraction_removed"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_auto_cap_is_the_candidate_with_the_lowest_calibration_loss():
+    gm, calib = _quiet_second_mlp()
+    ctx = PassContext(calibration=calib)
+    StructuredPrune(ratio=0.2).run(gm, ctx)
+    decision = ctx.extra["structured_prune"]
+    assert set(decision.cap_losses) == set(CAP_CANDIDATES)
+    assert decision.global_cap == min(decision.cap_losses, key=decision.cap_losses.__getitem__)
+    # the loss the choice was made on is the pruned graph's own loss
+    with torch.no_grad():
+        loss = sum(float(next_token_loss(gm(ids), ids)) for ids in calib) / len(calib)
+    assert loss == pytest.approx(decision.cap_losses[decision.global_cap], rel=1e-5)
+    assert any("chosen by calibration loss" in n for n in decision.notes)
+
+
+def test_cap_one_is_the_per_layer_allocation():
+    for opts in ({"global_cap": 1}, {"global_ranking": False}):
+        gm, calib = _quiet_second_mlp()
+        ctx = PassContext(calibration=calib)
+        StructuredPrune(ratio=0.2, **opts).run(gm, ctx)
+        assert _mlp_removed(ctx.extra["structured_prune"]) == [_PER_LAYER] * 2, opts
+
+
+def test_a_fixed_cap_bounds_every_layer_and_no_cap_does_not():
+    bound = 48  # floor(1.25 x the MLPs' average fraction 0.300 x 128 channels)
+    gm, calib = _quiet_second_mlp()
+    ctx = PassContext(calibration=calib)
+    res = StructuredPrune(ratio=0.2, global_cap=1.25).run(gm, ctx)
+    assert max(_mlp_removed(ctx.extra["structured_prune"])) <= bound
+    assert any("stopped at the cap of 1.25" in n for n in res.notes)
+    gm, calib = _quiet_second_mlp()
+    ctx = PassContext(calibration=calib)
+    StructuredPrune(ratio=0.2, global_cap=math.inf).run(gm, ctx)
+    assert max(_mlp_removed(ctx.extra["structured_prune"])) > bound
+
+
+def test_auto_cap_without_calibration_is_per_layer_with_a_note():
+    gm, _ = _quiet_second_mlp()
+    res = StructuredPrune(ratio=0.2, importance="l1").run(gm, PassContext())
+    assert res.stats["mlp_channels_removed"] == 2 * _PER_LAYER
+    assert any("no calibration data to choose a cap" in n for n in res.notes)
+
+
+@pytest.mark.parametrize("opt, bad", [("global_ranking", "attention"), ("global_ranking", 1),
+                                      ("global_cap", 0.5), ("global_cap", "max"),
+                                      ("global_cap", True)])
+def test_bad_global_ranking_options_are_rejected(opt, bad):
+    with pytest.raises((ValueError, TypeError), match=opt):
+        StructuredPrune(**{opt: bad})
