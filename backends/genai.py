@@ -46,6 +46,7 @@ from compiler import ir
 from compiler.errors import ArtifactError, PreconditionError
 from compiler.fileio import staged_dir
 from compiler.generation import GenerationStats, SamplingOptions, generate
+from compiler.kv_cache import last_position_logits
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 #: has to feed input_ids, attention_mask and the cache).
 GENAI_MODEL_TYPE = "llama"
 DEFAULT_CONTEXT = 2048
+#: ``logits`` output of an export: the last position only (generation) or every position
+LOGITS_MODES = ("last", "all")
 
 
 # ----------------------------------------------------------------------------- export
@@ -63,7 +66,8 @@ DEFAULT_CONTEXT = 2048
 
 def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int | str = "auto",
                    external_data: bool | None = True, fused: bool = True,
-                   max_positions: int = DEFAULT_CONTEXT) -> tuple[Path, bool]:
+                   max_positions: int = DEFAULT_CONTEXT, logits: str = "all"
+                   ) -> tuple[Path, bool]:
     """Export a :class:`compiler.kv_cache.KVCacheGraph` to ONNX with the GenAI IO names.
 
     With ``fused`` (default) norms and cached attention lower to ORT's fused kernels
@@ -81,6 +85,11 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int | str = "
     """
     from backends.onnxruntime import export_onnx
 
+    if logits not in LOGITS_MODES:
+        raise ValueError(f"logits must be one of {', '.join(LOGITS_MODES)}, got {logits!r}")
+    if logits == "last":
+        kv, note = last_position_logits(kv)
+        log.info("%s", note)
     gm, table, shares_buffer = kv.graph_module, {}, False
     if fused:
         from backends import ort_fused
@@ -109,7 +118,7 @@ def export_kv_onnx(kv, path: str | os.PathLike, *, accuracy_level: int | str = "
     axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-        "logits": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"} if logits == "all" else {0: "batch_size"},
     }
     for name in names_in[2:]:
         axes[name] = {0: "batch_size", 2: "past_sequence_length"}
@@ -187,7 +196,7 @@ def genai_config(kv, config: dict, *, context_length: int | None = None,
 def export_genai(kv, folder: str | os.PathLike, *, config: dict,
                  tokenizer_dir: str | os.PathLike | None, overwrite: bool = False,
                  accuracy_level: int | str = "auto", context_length: int | None = None,
-                 threads: int | None = None, fused: bool = True) -> Path:
+                 threads: int | None = None, fused: bool = True, logits: str = "last") -> Path:
     """Write the GenAI folder (see the module doc) atomically: all of it or nothing.
 
     Args:
@@ -202,6 +211,9 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
         context_length: default: the config's ``max_position_embeddings``.
         threads: ``intra_op_num_threads`` in the session options (default: ORT's).
         fused: lower norms and attention to ORT's fused kernels (``backends.ort_fused``).
+        logits: ``"last"`` (default): the last position's logits only, all that generation
+            reads (ORT GenAI picks the prompt's last position either way), so the LM head
+            runs one row per sequence in the prefill; ``"all"``: every position's (scoring).
 
     Raises:
         ArtifactError: the target exists and is not empty, or cannot be written.
@@ -211,7 +223,8 @@ def export_genai(kv, folder: str | os.PathLike, *, config: dict,
     cfg = genai_config(kv, config, context_length=context_length, threads=threads)
     with staged_dir(folder, "the GenAI folder", overwrite=overwrite) as tmp:
         _, shares_buffer = export_kv_onnx(kv, tmp / MODEL_FILE, accuracy_level=accuracy_level,
-                                          fused=fused, max_positions=cfg["model"]["context_length"])
+                                          fused=fused, max_positions=cfg["model"]["context_length"],
+                                          logits=logits)
         cfg["search"]["past_present_share_buffer"] = shares_buffer
         (tmp / CONFIG_FILE).write_text(json.dumps(cfg, indent=4))
         if tokenizer_dir is not None:

@@ -169,7 +169,8 @@ class CompiledModel:
 
     def export_genai(self, folder: str | os.PathLike, *, overwrite: bool = False,
                      accuracy_level: int | str = "auto", context_length: int | None = None,
-                     threads: int | None = None, fused: bool = True) -> Path:
+                     threads: int | None = None, fused: bool = True, logits: str = "last"
+                     ) -> Path:
         """Write an ONNX Runtime GenAI folder (``backends.genai``): KV-cache ONNX, config, tokenizer.
 
         ``onnxruntime_genai.Model(folder)`` loads it; ``fxcompress generate FOLDER`` runs it.
@@ -177,11 +178,15 @@ class CompiledModel:
         attention to ORT's fused kernels unless ``fused=False`` (``backends.ort_fused``: exact
         for batches without padding; the unfused graph also masks left padding). Int4 weights
         run ``MatMulNBits`` at ``accuracy_level`` (default ``"auto"``: int8 compute where the
-        CPU has int8 dot products, as ORT GenAI's builder does; 0 keeps float compute). Written
-        atomically; an existing non-empty folder needs ``overwrite=True``.
+        CPU has int8 dot products, as ORT GenAI's builder does; 0 keeps float compute). The
+        ``logits`` output holds the last position only (``logits="last"``, default: the LM head
+        then reads one row per sequence in the prefill; generation reads nothing else) or every
+        position (``"all"``, for scoring a prompt). Written atomically; an existing non-empty
+        folder needs ``overwrite=True``.
         """
         return self.lower("genai", folder, overwrite=overwrite, accuracy_level=accuracy_level,
-                          context_length=context_length, threads=threads, fused=fused)
+                          context_length=context_length, threads=threads, fused=fused,
+                          logits=logits)
 
     def lower(self, backend: str = "triton", *args: Any, **kwargs: Any) -> Any:
         """Lower to a backend through the :data:`LOWERINGS` table; returns what it produces.
@@ -293,7 +298,7 @@ def _lower_onnx(cm: CompiledModel, path: str | os.PathLike, **kwargs: Any) -> Pa
 
 def _lower_genai(cm: CompiledModel, folder: str | os.PathLike, *, overwrite: bool = False,
                  accuracy_level: int | str = "auto", context_length: int | None = None,
-                 threads: int | None = None, fused: bool = True) -> Path:
+                 threads: int | None = None, fused: bool = True, logits: str = "last") -> Path:
     """An ONNX Runtime GenAI folder of the KV-cache graph (``backends.genai``)."""
     from backends.genai import export_genai
 
@@ -305,7 +310,7 @@ def _lower_genai(cm: CompiledModel, folder: str | os.PathLike, *, overwrite: boo
     return export_genai(kv, folder, config=cm.config, tokenizer_dir=cm.tokenizer_dir,
                         overwrite=overwrite, accuracy_level=accuracy_level,
                         context_length=context_length or cm.context_length,
-                        threads=threads, fused=fused)
+                        threads=threads, fused=fused, logits=logits)
 
 
 def _lower_triton(cm: CompiledModel, **kwargs: Any) -> fx.GraphModule:

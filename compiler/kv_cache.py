@@ -541,5 +541,144 @@ def decode_logits(kv: KVCacheGraph, ids: torch.Tensor, prompt: int,
     return torch.cat(outs, dim=1)
 
 
+#: ops between the stream and the LM head that act on each position alone, so slicing the
+#: head's input to the last position equals slicing its output: static per-tensor and
+#: per-token activation quantization (a scale computed over the whole tensor is not)
+_POSITIONWISE_QDQ = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_token",
+                     "dequantize_per_token", "choose_qparams_per_token")
+
+
+def last_position_logits(kv: KVCacheGraph, *, check: bool = True) -> tuple[KVCacheGraph, str]:
+    """A copy of ``kv`` whose ``logits`` are the last position's only: ``[B, 1, V]``.
+
+    Generation reads nothing else (ORT GenAI takes the last position of a prompt's logits),
+    and the LM head of a 128-token prompt is one of its largest GEMMs. The head's input is
+    sliced to the last position where only position-wise ops lie between the stream and the
+    head (see ``_POSITIONWISE_QDQ``); otherwise the logits themselves are sliced (same
+    result, no saving) and the note says why. With ``check`` the result is compared with the
+    full graph's last position on a prefill and one decode step (the head's GEMM has fewer
+    rows: float rounding only).
+
+    Returns:
+        ``(kv, note)``: the rewritten graph and one line for the report.
+
+    Raises:
+        VerificationError: the sliced graph's logits differ from the full graph's last ones.
+    """
+    new, why = _slice_last(kv, head_input=True)
+    if why is None and check:
+        try:
+            _check_last_position(kv, new)
+        except (VerificationError, RuntimeError) as e:  # e.g. an op after the head needs S
+            why = f"slicing the head's input failed its check: {e}"
+    if why is None:
+        return new, new.notes[-1]
+    new, _ = _slice_last(kv, head_input=False)
+    new.notes[-1] = f"logits of the last position: the logits are sliced, no saving ({why})"
+    if check:
+        _check_last_position(kv, new)
+    return new, new.notes[-1]
+
+
+def _slice_last(kv: KVCacheGraph, *, head_input: bool) -> tuple[KVCacheGraph, str | None]:
+    """``(graph, reason)``: the head's input sliced (reason None) or, where that is not
+    position-wise (the reason), the logits."""
+    gm = copy.deepcopy(kv.graph_module)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    logits = out.args[0][0]
+    head, why = _lm_head_of(logits) if head_input else (None, "not asked")
+    if head is not None:
+        root, chain, why = _head_input_chain(head)
+    target = root if head is not None and why is None else logits
+    with gm.graph.inserting_after(target):
+        last = gm.graph.call_function(torch.ops.aten.slice.Tensor, (target, 1, -1, 2 ** 62))
+    if target is logits:
+        out.args = ((last, *out.args[0][1:]),)
+        note = "logits of the last position: the logits are sliced"
+    else:
+        for u in list(root.users):
+            if u in chain:
+                u.replace_input_with(root, last)
+        note = (f"logits of the last position: the LM head ({head.name}) reads the last "
+                f"position only")
+    gm.graph.lint()
+    gm.recompile()
+    new = KVCacheGraph(gm, kv.layers, kv.per_row_positions, list(kv.notes) + [note])
+    return new, None if target is not logits else why
+
+
+def _lm_head_of(logits: fx.Node) -> tuple[fx.Node | None, str | None]:
+    """The linear producing ``logits`` through position-wise ops, or a reason."""
+    n = logits
+    while n.op == "call_function" and ir.op_name(n) != "linear":
+        if ir.op_name(n) not in ("mul", "div", "tanh", "add", "_to_copy", "to", "clone",
+                                 "alias", "contiguous"):
+            return None, f"the logits come from {ir.op_name(n)} ({n.name}), not an LM-head linear"
+        n = n.args[0]
+        if not isinstance(n, fx.Node):
+            return None, "the logits do not come from a linear"
+    if n.op != "call_function":
+        return None, f"the logits come from {n.op} {n.name}"
+    return n, None
+
+
+def _head_input_chain(head: fx.Node) -> tuple[fx.Node, set[fx.Node], str | None]:
+    """``(root, chain, reason)``: the stream node read by the head's input, the nodes between
+    them (all position-wise, else ``reason``) and the head."""
+    chain, n = {head}, head.args[0]
+    while isinstance(n, fx.Node) and _is_qd(n, "") and \
+            n.target._schema.name.split("::")[-1] in _POSITIONWISE_QDQ:
+        chain.add(n)
+        n = n.args[0]
+    if not isinstance(n, fx.Node):
+        return head, chain, "the LM head's input is not a tensor"
+    root = n
+    # every reader of root on the way to the head must be in the chain (or a getitem of a
+    # per-token scale in it): a whole-tensor scale would change with the slice
+    for u in root.users:
+        if u in chain:
+            continue
+        if _is_qd(u, "choose_qparams_per_token"):
+            chain.add(u)
+            continue
+        if _reaches(u, head):
+            return root, chain, f"{u.name} ({ir.op_name(u)}) reads the head's input as a whole"
+    return root, chain, None
+
+
+def _reaches(src: fx.Node, dst: fx.Node) -> bool:
+    seen, frontier = set(), [src]
+    while frontier:
+        n = frontier.pop()
+        if n is dst:
+            return True
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                frontier.append(u)
+    return False
+
+
+def _check_last_position(full: KVCacheGraph, last: KVCacheGraph, prompt: int = 5) -> None:
+    vocab = (full.graph_module.meta.get("fxcompress_config") or {}).get("vocab_size") or 2
+    ids = torch.randint(0, int(vocab), (2, prompt + 1), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    got, want = [], []
+    for kv, outs in ((full, want), (last, got)):
+        logits, past = kv(ids[:, :prompt], mask[:, :prompt], kv.empty_cache(2))
+        step, _ = kv(ids[:, prompt:], mask, past)
+        outs += [logits[:, -1:], step]
+    for g, w in zip(got, want):
+        # the head's GEMM runs with fewer rows: float rounding only (measured up to 1e-6
+        # relative); a wrong position or a scale taken over the whole prompt is far above
+        tol = 1e-5 * max(1.0, float(w.abs().max()))
+        diff = float((g - w).abs().max()) if g.shape == w.shape else float("inf")
+        if not diff <= tol:
+            raise VerificationError(
+                f"last-position logits: the sliced graph differs from the full graph's last "
+                f"position (shapes {tuple(g.shape)} vs {tuple(w.shape)}, max diff {diff:.3g}, "
+                f"tolerance {tol:.3g})")
+
+
 __all__ = ["CacheLayer", "KVCacheGraph", "check_cache", "check_kv_cache", "decode_logits",
-           "with_kv_cache"]
+           "last_position_logits", "with_kv_cache"]

@@ -50,7 +50,9 @@ def test_exported_steps_equal_the_original_models_forward(family, tmp_path):
     got = ort_decode_logits(ort_model, ids, prompt=6)
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
-    assert (got - ref).abs().max() <= 1e-4
+    # the default export's prefill gives the prompt's last position only
+    assert got.shape[1] == 5
+    assert (got - ref[:, 5:]).abs().max() <= 1e-4
     names = ort_model.model.input_names
     assert names[:4] == ["input_ids", "attention_mask", "past_key_values.0.key",
                          "past_key_values.0.value"]
@@ -69,7 +71,7 @@ def test_stories260k_pruned_and_sliced_export_steps_equal_its_forward(tmp_path):
     assert cfg["num_key_value_heads"] == max(lay.kv_heads for lay in cm.kv_cache().layers) < 4
     ids = _ids(512, (1, 20))
     got = ort_decode_logits(ORTCausalLM(folder), ids, prompt=12)
-    assert (got - cm(ids)).abs().max() <= 1e-4
+    assert (got - cm(ids)[:, 11:]).abs().max() <= 1e-4
 
 
 @needs_stories
@@ -119,7 +121,7 @@ def test_quantized_exports_step_like_the_compiled_graph(scheme, tmp_path):
     folder = cm.export_genai(tmp_path / scheme, accuracy_level=0)
     ids = _ids(512, (1, 14))
     got = ort_decode_logits(ORTCausalLM(folder), ids, prompt=8)
-    ref = cm(ids)
+    ref = cm(ids)[:, 7:]
     # measured: at most 1e-5 on logits up to 15 (both schemes, three prompts)
     assert (got - ref).abs().max() <= 1e-4
     ops = ORTModel(folder / "model.onnx").optimized_op_types()
@@ -127,6 +129,45 @@ def test_quantized_exports_step_like_the_compiled_graph(scheme, tmp_path):
     assert ops[kind] >= (5 * 6 if scheme == "w4a16" else 5 * 7)  # every quantized linear
     if HAS_GENAI:
         assert len(genai_generate(folder, PROMPT, max_new_tokens=8)) == len(PROMPT) + 8
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logits_all_gives_every_position_and_last_equals_its_last_row(family, tmp_path):
+    model = tiny_model(family)
+    cm = compiler.compile(model, [])
+    every = ORTCausalLM(cm.export_genai(tmp_path / "all", logits="all"))
+    last = ORTCausalLM(cm.export_genai(tmp_path / "last"))
+    ids = _ids(256, (2, 9))
+    got_all = ort_decode_logits(every, ids, prompt=6)
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    assert got_all.shape == ref.shape and (got_all - ref).abs().max() <= 1e-4
+    got_last = ort_decode_logits(last, ids, prompt=6)
+    assert got_last.shape[1] == 4
+    # measured 0 to 2e-7: the head's GEMM runs with 1 row instead of 6
+    assert (got_last - got_all[:, 5:]).abs().max() <= 1e-5
+    # the saving is real: the LM head's MatMul reads the Slice of the last position
+    assert _lm_head_input_op(tmp_path / "last" / "model.onnx") == "Slice"
+    assert _lm_head_input_op(tmp_path / "all" / "model.onnx") != "Slice"
+
+
+def _lm_head_input_op(path) -> str:
+    """The op type feeding the MatMul that the ``logits`` output comes from."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    producer = {o: n for n in nodes for o in n.output}
+    n = producer["logits"]
+    while "MatMul" not in n.op_type and n.op_type != "Gemm":
+        n = producer[n.input[0]]
+    return producer[n.input[0]].op_type
+
+
+def test_bad_logits_option_is_refused(tmp_path):
+    cm = compiler.compile(tiny_model("llama"), [])
+    with pytest.raises(ValueError, match="logits must be one of last, all"):
+        cm.export_genai(tmp_path / "g", logits="first")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_into_a_non_empty_folder_is_refused_and_writes_nothing(tmp_path):
