@@ -300,7 +300,8 @@ class ORTCausalLM:
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
              past: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        """One forward with the cache: ``(logits, present as the next past)``."""
+        """One forward with the cache: ``(logits, present as the next past)``; ``logits`` is
+        ``[B, 1, V]`` for a ``logits="last"`` export (the default), ``[B, S, V]`` otherwise."""
         if len(past) != 2 * self.num_layers:
             raise ValueError(f"{self.num_layers} layers take {2 * self.num_layers} past tensors, "
                              f"got {len(past)}")
