@@ -21,7 +21,8 @@ def _ids(vocab: int, shape, seed: int = 3) -> torch.Tensor:
 
 def _export_both(cm, tmp_path):
     kv = cm.kv_cache()
-    common = dict(config=cm.config, tokenizer_dir=None)
+    # every position's logits: each rule's parity on the whole prompt, not only its last row
+    common = dict(config=cm.config, tokenizer_dir=None, logits="all")
     fused = export_genai(kv, tmp_path / "fused", **common)
     plain = export_genai(kv, tmp_path / "plain", fused=False, **common)
     return fused, plain
