@@ -54,8 +54,10 @@ loss wins (one forward pass over the calibration batches per candidate; the loss
 notes). Why: the Taylor ranking across layers is right on SmolLM2-135M (cap 1.25: 11.21 vs
 12.01 per layer, TinyStories, issue 14) and wrong on stories260K, where it takes most from
 layer 0 and every cap above 1 is worse than per layer (20%: 13.65 at cap 1.25, 16.29 without a
-cap, 12.96 per layer); the calibration loss tells the two apart. The measured fraction is in
-the stats.
+cap, 12.96 per layer); the calibration loss tells the two apart. Whether a group whose unit
+is coarse for the ratio (one of SmolLM2's 3 kv groups at 30%) is pruned or left whole, its share
+moved to the other groups, is chosen the same way (``max_unit_overshoot="auto"``: each
+candidate allocation with its own cap search). The measured fraction is in the stats.
 
 Preconditions: ``canonical``; ``calibrated`` for ``taylor``/``taylor2``. Lossy. Preserves no
 analysis. A second run with ``ratio=0`` is a no-op.
@@ -75,14 +77,18 @@ Hyper-parameters:
     prune_hidden (bool, default False): also prune the residual (hidden) dimension.
     attention_unit (str, default "kv"): ``kv`` removes kv heads with their query heads
         (whole heads without GQA); ``q_per_kv`` removes the same query head of every kv group.
-    max_unit_overshoot (float, default 1.5): a group whose unit is more than this many times
-        ``ratio`` of it is left whole, with a note, and its share of the ratio is taken from the
-        groups that remain (so ``ratio`` is still the fraction of all prunable parameters
-        removed). Per-layer allocation removes ``round(ratio * units)``: with SmolLM2's 3 kv
-        heads at 20% that is one unit, a third of the layer's attention in every layer
-        (perplexity x73, issue 14). 1.5 leaves stories260K's attention (4 kv groups, 25% each)
-        pruned at 20%, where that measured better (12.96) than moving its share to the MLPs
-        (14.65). ``float("inf")`` disables the rule.
+    max_unit_overshoot ("auto" | float >= 1, default "auto"): a group whose unit is more than
+        this many times ``ratio`` of it is left whole, with a note, and its share of the ratio is
+        taken from the groups that remain (so ``ratio`` is still the fraction of all prunable
+        parameters removed). Per-layer allocation removes ``round(ratio * units)``: with
+        SmolLM2's 3 kv heads at 20% that is one unit, a third of the layer's attention in every
+        layer (perplexity x73, issue 14). 1.5 leaves stories260K's attention (4 kv groups, 25%
+        each) pruned at 20%, where that measured better (12.96) than moving its share to the
+        MLPs (14.65); at 30% it still lets SmolLM2 lose one of its 3 kv groups per layer (722.96).
+        ``"auto"``: each of :data:`OVERSHOOT_CANDIDATES` that leaves a different set of groups
+        whole is allocated (with its own cap search) and the lowest calibration loss wins (the
+        losses are in the notes); 1.5 without calibration data. ``float("inf")`` disables the
+        rule.
     skip_layers (list[int], default none): block indices left alone (e.g. first and last).
     round_to (int, default 1): kept widths are multiples of this; for heads it must divide the
         unit width (head_dim x query heads per unit) or be a multiple of it.
@@ -124,6 +130,8 @@ ATTENTION_UNITS = ("kv", "q_per_kv")
 GLOBAL_RANKINGS = ("mlp", "all")
 #: caps tried by ``global_cap="auto"`` (x the ranked groups' average fraction; 1 = uniform)
 CAP_CANDIDATES = (1.0, 1.25, 1.5, math.inf)
+#: ``max_unit_overshoot`` values tried by ``"auto"``; the first is the one used without data
+OVERSHOOT_CANDIDATES = (1.5, 1.0)
 
 _SHAPE_LIST_OPS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                    aten.expand.default)
@@ -175,6 +183,8 @@ class PruneDecision:
     prunable_params: int
     global_cap: float | None = None  # the cap the global ranking used (None: no ranking)
     cap_losses: dict[float, float] = field(default_factory=dict)  # global_cap="auto" search
+    unit_overshoot: float | None = None  # the max_unit_overshoot the allocation used
+    overshoot_losses: dict[float, float] = field(default_factory=dict)  # "auto" search
 
     def choice(self) -> dict[int, torch.Tensor]:
         """``{leaf id: kept indices}`` over all groups (leaf ids are global to the analysis)."""
@@ -209,7 +219,7 @@ class StructuredPrune(Pass):
         attention_unit: str = "kv",
         global_cap: float | str = "auto",
         skip_layers: Sequence[int] = (),
-        max_unit_overshoot: float = 1.5,
+        max_unit_overshoot: float | str = "auto",
         round_to: int = 1,
         max_batches: int | None = None,
         per_sequence: bool = True,
@@ -227,10 +237,11 @@ class StructuredPrune(Pass):
                              f"got {attention_unit!r}")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"structured_prune: round_to must be an int >= 1, got {round_to!r}")
-        if isinstance(max_unit_overshoot, bool) \
-                or not isinstance(max_unit_overshoot, (int, float)) or not max_unit_overshoot >= 1:
-            raise ValueError(f"structured_prune: max_unit_overshoot must be a number >= 1, got "
-                             f"{max_unit_overshoot!r}")
+        if max_unit_overshoot != "auto" and (
+                isinstance(max_unit_overshoot, bool)
+                or not isinstance(max_unit_overshoot, (int, float)) or not max_unit_overshoot >= 1):
+            raise ValueError(f"structured_prune: max_unit_overshoot must be 'auto' or a number "
+                             f">= 1, got {max_unit_overshoot!r}")
         if global_ranking is True:
             global_ranking = "all"
         if global_ranking is not False and global_ranking not in GLOBAL_RANKINGS:
@@ -264,7 +275,8 @@ class StructuredPrune(Pass):
         self.prune_hidden = prune_hidden
         self.attention_unit = attention_unit
         self.skip_layers = tuple(sorted(set(skip_layers)))
-        self.max_unit_overshoot = float(max_unit_overshoot)
+        self.max_unit_overshoot = (max_unit_overshoot if max_unit_overshoot == "auto"
+                                   else float(max_unit_overshoot))
         self.round_to = round_to
         self.max_batches = max_batches
         self.per_sequence = per_sequence
@@ -336,58 +348,119 @@ class StructuredPrune(Pass):
         if not cands:
             return PruneDecision({}, notes + ["no prunable group found"], 0)
         prunable = sum(d.num_units * d.unit_cost for _, d in cands)
-        cands = self._drop_coarse(cands, notes)
-        if not cands:
-            return PruneDecision({}, notes + ["every prunable group has too coarse units"],
-                                 prunable)
-        self._check_round_to(cands)
+        # the allocations to try: one per distinct set of groups left whole as too coarse
+        variants: dict[tuple[str, ...], tuple[float, list, list[str]]] = {}
+        for ov in self._overshoots(ctx):
+            vnotes: list[str] = []
+            kept = self._drop_coarse(cands, vnotes, ov)
+            variants.setdefault(tuple(d.group for _, d in kept), (ov, kept, vnotes))
+        if not any(kept for _, kept, _ in variants.values()):
+            _, _, vnotes = next(iter(variants.values()))
+            return PruneDecision({}, notes + vnotes + ["every prunable group has too coarse "
+                                                       "units"], prunable)
+        for _, kept, _ in variants.values():
+            self._check_round_to(kept)
 
         first = second = None
         if self.importance in ("taylor", "taylor2") and self.ratio > 0:
             batches = ctx.require_calibration(f"structured_prune(importance={self.importance})")
             if self.max_batches:
                 batches = batches[: self.max_batches]
-            targets = sorted({m.target for g, _ in cands for m in g.members})
+            targets = sorted({m.target for _, kept, _ in variants.values()
+                              for g, _ in kept for m in g.members})
             first, second = taylor_terms(gm, batches, targets,
                                          per_sequence=self.per_sequence,
                                          second_order=self.importance == "taylor2",
                                          progress=ctx.progress)
+        scored = {d.group for _, kept, _ in variants.values() for _, d in kept}
         gen = torch.Generator().manual_seed(int(ctx.seed))
         for g, d in cands:
-            d.scores = self._unit_scores(gm, g, d, first, second, gen)
+            if d.group in scored:
+                d.scores = self._unit_scores(gm, g, d, first, second, gen)
 
-        cap, cap_losses = None, {}
-        left = sum(d.num_units * d.unit_cost for _, d in cands)
-        ratio = self.ratio * prunable / left  # the coarse groups' share moves to the rest
-        if ratio >= 1:
-            raise PassError(
-                f"structured_prune: ratio={self.ratio} of {prunable} prunable parameters is "
-                f"{ratio:.2f} of the {left} left once groups with too coarse units are kept "
-                "whole; lower the ratio or raise max_unit_overshoot")
-        if self.ratio > 0:
-            # which groups share one ranking; the others remove ``ratio`` of their units each
-            ranked = [(g, d) for g, d in cands
-                      if self.global_ranking == "all"
-                      or (self.global_ranking == "mlp" and d.kind == "mlp")]
+        search = len(variants) > 1
+        tried = []  # (loss, overshoot, cap, cap_losses, notes, {group: (kept, removed)})
+        for ov, kept, vnotes in variants.values():
+            if not kept:
+                continue
             for _, d in cands:
-                if not any(d is r for _, r in ranked):
-                    self._select_layer(d, ratio)
-            if ranked:
-                # the ranked groups remove ``ratio`` of their own parameters, as they would
-                # per layer; the ranking only moves them between the groups
-                cap, cap_losses = self._choose_cap(gm, cg, cands, ranked, ratio, ctx)
-                self._select_ranked(ranked, ratio, notes, cap)
-                if self.global_cap == "auto" and not cap_losses:
-                    notes.append("global ranking: no calibration data to choose a cap; "
-                                 "per-layer allocation (cap 1)")
-                if cap_losses:
-                    tried = ", ".join(f"{c:g}: {v:.4f}" for c, v in cap_losses.items())
-                    notes.append(f"global ranking: cap {cap:g} x the average fraction chosen by "
-                                 f"calibration loss ({tried})")
+                d.kept, d.removed = [], []
+            left = sum(d.num_units * d.unit_cost for _, d in kept)
+            ratio = self.ratio * prunable / left  # the coarse groups' share moves to the rest
+            if ratio >= 1:
+                if search:
+                    continue  # another allocation prunes the coarse groups instead
+                raise PassError(
+                    f"structured_prune: ratio={self.ratio} of {prunable} prunable parameters is "
+                    f"{ratio:.2f} of the {left} left once groups with too coarse units are kept "
+                    "whole; lower the ratio or raise max_unit_overshoot")
+            cap, cap_losses = self._allocate(gm, cg, cands, kept, ratio, ctx, vnotes)
+            loss = None
+            if search:
+                loss = cap_losses[cap] if cap_losses else zeroed_loss(
+                    gm, cg, [d for _, d in cands], self._loss_batches(ctx))
+            tried.append((loss, ov, cap, cap_losses, vnotes,
+                          {d.group: (d.kept, d.removed) for _, d in cands}))
+        if not tried:
+            raise PassError(f"structured_prune: ratio={self.ratio} removes every unit of the "
+                            "groups left to prune under every allocation tried; lower the ratio")
+        best = min(tried, key=lambda t: t[0]) if search else tried[0]
+        loss, ov, cap, cap_losses, vnotes, choice = best
         for _, d in cands:
+            d.kept, d.removed = choice[d.group]
             if not d.removed:
                 d.kept = list(range(d.num_units))
-        return PruneDecision({d.group: d for _, d in cands}, notes, prunable, cap, cap_losses)
+        notes += vnotes
+        overshoot_losses = {t[1]: t[0] for t in tried} if search else {}
+        if search:
+            what = ", ".join(f"{o:g}: {v:.4f}" for o, v in overshoot_losses.items())
+            notes.append(f"coarse units: max_unit_overshoot {ov:g} chosen by calibration loss "
+                         f"({what}; {len([n for n in vnotes if 'left whole' in n])} groups "
+                         "left whole)")
+        return PruneDecision({d.group: d for _, d in cands}, notes, prunable, cap, cap_losses,
+                             ov, overshoot_losses)
+
+    def _overshoots(self, ctx: PassContext) -> tuple[float, ...]:
+        """The ``max_unit_overshoot`` values to try: the option, or with ``"auto"`` the
+        candidates when there is calibration data to choose on (else the first)."""
+        if self.max_unit_overshoot != "auto":
+            return (self.max_unit_overshoot,)
+        if not ctx.calibration or self.ratio == 0:
+            return OVERSHOOT_CANDIDATES[:1]
+        return OVERSHOOT_CANDIDATES
+
+    def _loss_batches(self, ctx: PassContext) -> Sequence[torch.Tensor]:
+        batches = ctx.calibration
+        return batches[: self.max_batches] if self.max_batches else batches
+
+    def _allocate(self, gm, cg, cands, kept, ratio: float, ctx: PassContext, notes: list[str]
+                  ) -> tuple[float | None, dict[float, float]]:
+        """Select the units of the groups in ``kept`` (``ratio`` of their parameters): the
+        unranked groups per layer, the ranked ones under the global cap (chosen by calibration
+        loss with ``"auto"``). Returns the cap and the search's losses."""
+        cap, cap_losses = None, {}
+        if self.ratio == 0:
+            return cap, cap_losses
+        # which groups share one ranking; the others remove ``ratio`` of their units each
+        ranked = [(g, d) for g, d in kept
+                  if self.global_ranking == "all"
+                  or (self.global_ranking == "mlp" and d.kind == "mlp")]
+        for _, d in kept:
+            if not any(d is r for _, r in ranked):
+                self._select_layer(d, ratio)
+        if ranked:
+            # the ranked groups remove ``ratio`` of their own parameters, as they would
+            # per layer; the ranking only moves them between the groups
+            cap, cap_losses = self._choose_cap(gm, cg, cands, ranked, ratio, ctx)
+            self._select_ranked(ranked, ratio, notes, cap)
+            if self.global_cap == "auto" and not cap_losses:
+                notes.append("global ranking: no calibration data to choose a cap; "
+                             "per-layer allocation (cap 1)")
+            if cap_losses:
+                tried = ", ".join(f"{c:g}: {v:.4f}" for c, v in cap_losses.items())
+                notes.append(f"global ranking: cap {cap:g} x the average fraction chosen by "
+                             f"calibration loss ({tried})")
+        return cap, cap_losses
 
     def _candidate(self, gm: fx.GraphModule, g: ChannelGroup, notes: list[str]
                    ) -> GroupDecision | None:
@@ -459,15 +532,15 @@ class StructuredPrune(Pass):
         # rounding up past the group's width keeps it whole (the original width is allowed)
         return min(rounded, d.num_units)
 
-    def _drop_coarse(self, cands, notes: list[str]):
-        """Leave whole (with a note) the groups whose unit is over ``max_unit_overshoot`` x
-        ``ratio`` of the group."""
+    def _drop_coarse(self, cands, notes: list[str], overshoot: float):
+        """Leave whole (with a note) the groups whose unit is over ``overshoot`` x ``ratio``
+        of the group."""
         out = []
         for g, d in cands:
-            if self.ratio > 0 and 1.0 / d.num_units > self.max_unit_overshoot * self.ratio + 1e-12:
+            if self.ratio > 0 and 1.0 / d.num_units > overshoot * self.ratio + 1e-12:
                 notes.append(f"{d.group}: left whole, one {d.unit} unit is "
                              f"{100 / d.num_units:.0f}% of the group (> max_unit_overshoot "
-                             f"{self.max_unit_overshoot:g} x ratio {self.ratio:g}); its share "
+                             f"{overshoot:g} x ratio {self.ratio:g}); its share "
                              "goes to the other groups")
             else:
                 out.append((g, d))
@@ -502,9 +575,7 @@ class StructuredPrune(Pass):
             return self.global_cap, {}
         if not ctx.calibration:  # l1 / l2 / random need none: rank nothing across layers
             return 1.0, {}
-        batches = ctx.calibration
-        if self.max_batches:
-            batches = batches[: self.max_batches]
+        batches = self._loss_batches(ctx)
         losses: dict[float, float] = {}
         for cap in CAP_CANDIDATES:
             self._select_ranked(ranked, ratio, [], cap)

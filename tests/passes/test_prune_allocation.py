@@ -15,10 +15,11 @@ from compiler import ir
 from compiler.evaluate import next_token_loss
 from compiler.pass_base import PassContext
 from passes.canonicalize import canonicalize
-from passes.structured_prune import CAP_CANDIDATES, StructuredPrune
+from passes.structured_prune import CAP_CANDIDATES, OVERSHOOT_CANDIDATES, StructuredPrune
 from tests.conftest import tiny_graph
 
 _DOWN = "model.model.layers.{}.mlp.down_proj.weight"
+_O = "model.model.layers.{}.self_attn.o_proj.weight"
 _HEAD = "model.lm_head.weight"
 #: the MLPs' per-layer ratio at 0.2 once the whole kv groups' share moved to them (128 channels)
 _PER_LAYER = 38
@@ -149,3 +150,55 @@ def test_auto_cap_without_calibration_is_per_layer_with_a_note():
 def test_bad_global_ranking_options_are_rejected(opt, bad):
     with pytest.raises((ValueError, TypeError), match=opt):
         StructuredPrune(**{opt: bad})
+
+
+def _scaled(o_scale: float, down_scale: float) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """Tiny llama whose attention (o_proj) and MLP (down_proj) outputs are scaled, with a 30x
+    sharper LM head and its own greedy text as calibration."""
+    gm = canonicalize(tiny_graph("llama"))
+    for i in range(2):
+        ir.set_param(gm, _O.format(i), ir.get_param(gm, _O.format(i)) * o_scale)
+        ir.set_param(gm, _DOWN.format(i), ir.get_param(gm, _DOWN.format(i)) * down_scale)
+    ir.set_param(gm, _HEAD, ir.get_param(gm, _HEAD) * 30)
+    return gm, _greedy_text(gm)
+
+
+def test_auto_overshoot_tries_pruning_and_keeping_coarse_groups_and_keeps_the_better():
+    # ratio 0.4: a kv group (50% of a layer's attention) is within 1.5 x 0.4 but over 1 x 0.4,
+    # so the two candidates differ: one kv group per layer removed, or attention left whole
+    gm, calib = _scaled(1.0, 1.0)
+    ctx = PassContext(calibration=calib)
+    StructuredPrune(ratio=0.4).run(gm, ctx)
+    decision = ctx.extra["structured_prune"]
+    assert set(decision.overshoot_losses) == set(OVERSHOOT_CANDIDATES)
+    losses = decision.overshoot_losses
+    assert decision.unit_overshoot == min(losses, key=losses.__getitem__)
+    with torch.no_grad():
+        loss = sum(float(next_token_loss(gm(ids), ids)) for ids in calib) / len(calib)
+    assert loss == pytest.approx(losses[decision.unit_overshoot], rel=1e-5)
+    assert any("max_unit_overshoot" in n and "chosen by calibration loss" in n
+               for n in decision.notes)
+
+
+@pytest.mark.parametrize("o_scale, down_scale, heads", [(30.0, 1e-2, 0), (1e-2, 30.0, 4)])
+def test_auto_overshoot_follows_what_the_model_needs(o_scale, down_scale, heads):
+    # attention carries the model: its coarse kv groups stay whole (the MLPs take the ratio);
+    # the MLPs carry it: one kv group per layer goes (2 query heads x 2 layers)
+    gm, calib = _scaled(o_scale, down_scale)
+    ctx = PassContext(calibration=calib)
+    res = StructuredPrune(ratio=0.4).run(gm, ctx)
+    assert res.stats["heads_removed"] == heads, ctx.extra["structured_prune"].overshoot_losses
+    removed = res.stats["prunable_fraction_removed"]
+    if heads:  # half of the attention goes (one coarse unit), 40% of the MLPs
+        assert 0.4 < removed < 0.5
+    else:  # the attention's share moved to the MLPs
+        assert removed == pytest.approx(0.4, abs=0.01)
+
+
+def test_auto_overshoot_searches_only_when_the_candidates_differ():
+    # ratio 0.3: a 50% kv group is over both 1.5 x 0.3 and 1 x 0.3: one allocation, no search
+    gm, calib = _scaled(1.0, 1.0)
+    ctx = PassContext(calibration=calib)
+    res = StructuredPrune(ratio=0.3).run(gm, ctx)
+    decision = ctx.extra["structured_prune"]
+    assert decision.overshoot_losses == {} and res.stats["heads_removed"] == 0
