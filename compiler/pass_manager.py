@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -504,17 +505,132 @@ def _qdq_dtype(n: fx.Node):
     return None
 
 
+#: Calls of :func:`propagate_shapes`: ``calls``, ``skipped`` (the graph was already propagated)
+#: and ``seconds`` spent propagating. Process-wide; ``compile()`` reports its own share.
+SHAPE_PROPAGATION: Counter = Counter()
+
+#: ``gm.meta`` key of the :class:`_ShapeStamp` of the last successful propagation
+_STAMP_META = "fxcompress_shape_stamp"
+
+
+class _Ref:
+    """A node argument in a shape key: the node's name (unique in its graph)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __eq__(self, other):
+        return isinstance(other, _Ref) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+class _ShapeStamp:
+    """What the last successful propagation saw (``key``) and the ``meta['val']`` it wrote.
+
+    A deep copy of the GraphModule shares it: fx copies every node's ``meta`` dict shallowly,
+    so the copy's nodes hold the same ``val`` objects, which :func:`_propagated` checks by
+    identity. A pickled stamp comes back empty and matches nothing.
+    """
+
+    __slots__ = ("key", "vals")
+
+    def __init__(self, key: tuple | None, vals: tuple = ()):
+        self.key, self.vals = key, vals
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_ShapeStamp, (None, ()))
+
+
+def _tensor_key(t) -> tuple:
+    # not requires_grad: ir.set_param clears it on every weight a pass rewrites, and nothing
+    # reads it from meta['val']
+    if isinstance(t, torch.Tensor):
+        return ("tensor", tuple(t.shape), t.stride(), t.dtype, t.device)
+    if isinstance(t, fx.GraphModule):
+        return ("graph", _graph_key(t))
+    return ("object", type(t))
+
+
+def _arg_key(a):
+    if isinstance(a, fx.Node):
+        return _Ref(a.name)
+    if isinstance(a, torch.Tensor):  # a constant argument: only its metadata reaches the shapes
+        return _tensor_key(a)
+    return a
+
+
+def _graph_key(gm: fx.GraphModule) -> tuple:
+    """Every node's op, target and arguments, and what each ``get_attr`` reads."""
+    nodes = []
+    for n in gm.graph.nodes:
+        row = (n.name, n.op, n.target, fx.node.map_aggregate(n.args, _arg_key),
+               fx.node.map_aggregate(n.kwargs, _arg_key))
+        if n.op in ("get_attr", "call_module"):
+            obj: object = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part, None)
+            row += (_tensor_key(obj),)
+        nodes.append(row)
+    return tuple(nodes)
+
+
+def _shape_key(gm: fx.GraphModule, probe: torch.Tensor) -> tuple:
+    """What decides every node's ``meta['val']``: the graph, every parameter's and buffer's
+    shape/stride/dtype, and the probe's rank, sizes (a size of 0 or 1 specialises; sizes are
+    the symbols' hints), dtype and device. Weight values are not in it."""
+    tensors = tuple((k, _tensor_key(t)) for k, t in gm.named_parameters(remove_duplicate=False))
+    tensors += tuple((k, _tensor_key(t)) for k, t in gm.named_buffers(remove_duplicate=False))
+    return (_graph_key(gm), tensors, tuple(probe.shape), probe.dtype, probe.device,
+            torch.is_grad_enabled())
+
+
+def _propagated(gm: fx.GraphModule, key: tuple) -> bool:
+    """True if the last propagation of ``gm`` saw ``key`` and its ``meta['val']`` are in place."""
+    stamp = gm.meta.get(_STAMP_META)
+    if not isinstance(stamp, _ShapeStamp) or stamp.key is None or stamp.key != key:
+        return False
+    nodes = gm.graph.nodes
+    return len(nodes) == len(stamp.vals) and all(
+        n.meta.get("val") is v for n, v in zip(nodes, stamp.vals))
+
+
 def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") -> None:
     """Fake-tensor shape propagation with symbolic batch/seq dims; refreshes ``meta['val']``.
 
     The probe only supplies rank and dtype: batch and sequence stay symbolic, so channel dims are
     the only concrete sizes in the metadata afterwards (as after tracing).
+
+    Skipped when nothing that decides a shape changed since the last successful propagation of
+    ``gm``: the same graph (nodes, targets, arguments), the same shape, stride and dtype of every
+    parameter and buffer, the same probe rank, sizes and dtype, and every node still holding the
+    ``meta['val']`` that propagation wrote. A pass that rewrites weight values only keeps it
+    valid. :data:`SHAPE_PROPAGATION` counts calls and skips.
+
+    Raises:
+        VerificationError: the propagation failed (naming the op and ``ctxmsg``).
     """
     from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    SHAPE_PROPAGATION["calls"] += 1
+    key = _shape_key(gm, probe)
+    if _propagated(gm, key):
+        SHAPE_PROPAGATION["skipped"] += 1
+        return
+    gm.meta.pop(_STAMP_META, None)
+    t0 = time.perf_counter()
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
     try:
         fake = mode.from_tensor(
@@ -529,3 +645,6 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise VerificationError(f"shape propagation failed{ctxmsg}: {type(e).__name__}: {first}") from e
+    finally:
+        SHAPE_PROPAGATION["seconds"] += time.perf_counter() - t0
+    gm.meta[_STAMP_META] = _ShapeStamp(key, tuple(n.meta.get("val") for n in gm.graph.nodes))

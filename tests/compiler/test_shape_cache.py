@@ -1,0 +1,179 @@
+"""propagate_shapes skips a graph it already propagated, and only such a graph."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from compiler import ir
+from compiler.errors import VerificationError
+from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.pass_manager import SHAPE_PROPAGATION, PassManager, propagate_shapes, verify_graph
+from passes.canonicalize import Canonicalize
+from tests.conftest import tiny_graph
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@pytest.fixture
+def runs(monkeypatch):
+    """Counts the fake-tensor propagations that really run."""
+    calls = []
+    original = FakeTensorProp.propagate
+
+    def counted(self, *args):
+        calls.append(self.module)
+        return original(self, *args)
+
+    monkeypatch.setattr(FakeTensorProp, "propagate", counted)
+    return calls
+
+
+@pytest.fixture
+def probe():
+    return torch.randint(0, 50, (2, 16))
+
+
+def _output_val(gm):
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    return out.meta["val"][0]
+
+
+def _lm_head_weight(gm):
+    return ir.nodes_of(gm, LINEAR)[-1].args[1]  # W: [vocab, hidden]
+
+
+def test_a_second_verify_of_an_unchanged_graph_skips_propagation(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    assert len(runs) == 1
+    before = dict(SHAPE_PROPAGATION)
+    verify_graph(gm, probe, where="again")
+    propagate_shapes(gm, probe)
+    assert len(runs) == 1
+    assert SHAPE_PROPAGATION["calls"] - before.get("calls", 0) == 2
+    assert SHAPE_PROPAGATION["skipped"] - before.get("skipped", 0) == 2
+
+
+def test_rewriting_weight_values_only_keeps_the_shapes(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    for lin in ir.nodes_of(gm, LINEAR):
+        w = lin.args[1]
+        ir.set_param(gm, w, ir.get_param(gm, w) * 1.5)
+    verify_graph(gm, probe)
+    assert len(runs) == 1
+
+
+def test_an_inserted_node_is_propagated(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    logits = ir.nodes_of(gm, LINEAR)[-1]
+    with gm.graph.inserting_after(logits):
+        cut = gm.graph.call_function(torch.ops.aten.slice.Tensor, (logits, -1, 0, 5))
+    logits.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
+    verify_graph(gm, probe)
+    assert len(runs) == 2
+    assert cut.meta["val"].shape[-1] == 5
+    assert _output_val(gm).shape[-1] == 5
+    cut.args = (logits, -1, 0, 3)  # same nodes, same vals: only an argument tells
+    verify_graph(gm, probe)
+    assert len(runs) == 3
+    assert _output_val(gm).shape[-1] == 3
+
+
+def test_a_parameter_of_a_new_shape_is_propagated(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    vocab = _output_val(gm).shape[-1]
+    w = _lm_head_weight(gm)
+    ir.set_param(gm, w, ir.get_param(gm, w)[: vocab - 3])
+    verify_graph(gm, probe)
+    assert len(runs) == 2
+    assert w.meta["val"].shape[0] == vocab - 3
+    assert _output_val(gm).shape[-1] == vocab - 3
+
+
+def test_a_parameter_of_a_new_dtype_is_propagated(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    w = _lm_head_weight(gm)
+    ir.set_param(gm, w, ir.get_param(gm, w).double())
+    verify_graph(gm, probe)
+    assert len(runs) == 2
+    assert w.meta["val"].dtype == torch.float64
+
+
+def test_a_probe_of_another_dtype_or_rank_is_propagated(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    verify_graph(gm, probe.to(torch.int32))
+    assert len(runs) == 2
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert ids.meta["val"].dtype == torch.int32
+    with pytest.raises(VerificationError, match="shape propagation failed"):
+        verify_graph(gm, probe[0])  # rank 1: the model needs [batch, seq]
+    assert len(runs) == 3
+
+
+def test_an_error_in_a_changed_graph_is_raised_every_time(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    w = ir.nodes_of(gm, LINEAR)[0].args[1]
+    good = ir.get_param(gm, w)
+    ir.set_param(gm, w, good[:, :-1])  # W: [out, in - 1] no longer fits the activations
+    for _ in range(2):  # a failed propagation leaves nothing to skip on
+        with pytest.raises(VerificationError, match=r"shape propagation failed \(after pass 3"):
+            verify_graph(gm, probe, where="after pass 3 'x'")
+    assert len(runs) == 3
+    ir.set_param(gm, w, good)
+    verify_graph(gm, probe)
+    verify_graph(gm, probe)
+    assert len(runs) == 4
+
+
+def test_a_node_without_its_val_is_propagated_again(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    lin = ir.nodes_of(gm, LINEAR)[2]
+    del lin.meta["val"]
+    verify_graph(gm, probe)
+    assert len(runs) == 2
+    assert lin.meta["val"].shape[-1] == ir.get_param(gm, lin.args[1]).shape[0]
+
+
+def test_a_deep_copy_shares_the_propagation_until_one_of_them_changes(runs, probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    twin = copy.deepcopy(gm)
+    verify_graph(twin, probe)
+    assert len(runs) == 1  # fx copies node metas: the twin holds the propagated vals
+    w = _lm_head_weight(twin)
+    ir.set_param(twin, w, ir.get_param(twin, w)[:7])
+    verify_graph(twin, probe)
+    verify_graph(gm, probe)
+    assert [m is twin for m in runs] == [False, True]
+    assert _output_val(twin).shape[-1] == 7
+    assert _output_val(gm).shape[-1] != 7
+
+
+class _ScaleWeights(Pass):
+    """Test pass: rewrites every linear weight's values (same shapes), exact for factor 1."""
+
+    name = "scale_weights"
+    exact = True
+    requires = frozenset({"canonical"})
+
+    def run(self, gm, ctx):
+        for lin in ir.nodes_of(gm, LINEAR):
+            ir.set_param(gm, lin.args[1], ir.get_param(gm, lin.args[1]).clone())
+        return PassResult(gm, True, frozenset(), {})
+
+
+def test_the_pass_manager_skips_propagation_after_a_weight_only_pass(runs, probe):
+    gm = tiny_graph("llama")
+    PassManager([Canonicalize(), _ScaleWeights()]).run(gm, PassContext(probe_inputs=probe))
+    assert len(runs) == 1  # after canonicalize; the weights-only pass changed no shape
