@@ -41,7 +41,7 @@ from compiler.fileio import (
 from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
-from compiler.pass_manager import DumpIR, Instrument, LogitsDrift, PassManager
+from compiler.pass_manager import SHAPE_PROPAGATION, DumpIR, Instrument, LogitsDrift, PassManager
 from compiler.registry import add_pass_modules, make_pass
 from compiler.report import Report
 
@@ -454,10 +454,14 @@ def compile(
         calibration=_describe_calibration(batches),
     )
     trace_seconds = time.perf_counter() - t0
+    shapes0 = dict(SHAPE_PROPAGATION)
     PassManager(pass_list, verify=verify, check_exact=verify, atol=atol, skip=skip,
                 instruments=inst).run(gm, ctx, report)
     report.total_seconds = time.perf_counter() - t0
     report.extra["trace_seconds"] = round(trace_seconds, 3)
+    # shape propagations after passes and inside them; skipped: the graph was already propagated
+    report.extra["shape_propagation"] = {
+        k: round(SHAPE_PROPAGATION[k] - shapes0.get(k, 0), 3) for k in ("calls", "skipped", "seconds")}
     report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
     if capture is not None:
         report.extra["report_capture_seconds"] = round(capture.seconds, 3)

@@ -443,6 +443,9 @@ def verify_graph(
 ) -> None:
     """Lint, recompile, check get_attr targets and Q/DQ typing, and propagate shapes.
 
+    The shape propagation is skipped when ``gm`` was already propagated and nothing that decides
+    a shape changed since (see :func:`propagate_shapes`); every other check always runs.
+
     Raises:
         VerificationError: naming the failing node, ``where`` and the pass history.
     """

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+import compiler
 from compiler import ir
 from compiler.errors import VerificationError
 from compiler.pass_base import Pass, PassContext, PassResult
@@ -177,3 +178,10 @@ def test_the_pass_manager_skips_propagation_after_a_weight_only_pass(runs, probe
     gm = tiny_graph("llama")
     PassManager([Canonicalize(), _ScaleWeights()]).run(gm, PassContext(probe_inputs=probe))
     assert len(runs) == 1  # after canonicalize; the weights-only pass changed no shape
+
+
+def test_compile_reports_its_shape_propagations(runs):
+    cm = compiler.compile("tiny-llama", passes=[_ScaleWeights()], report_data=False)
+    counts = cm.report.extra["shape_propagation"]
+    assert (counts["calls"], counts["skipped"]) == (2, 1)
+    assert len(runs) == 1
