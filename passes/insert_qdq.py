@@ -278,6 +278,11 @@ class InsertQDQ(Pass):
         todo = [a for a in annotations if a.quantized]
         notes = [f"{a.site}: skipped, {a.skip}" for a in annotations
                  if not a.quantized and a.skip != "already quantized"]
+        done = [a.site for a in annotations if a.skip == "already quantized"]
+        if done:  # by an earlier run, gptq or awq: their Q/DQ is kept as it is
+            notes.append(f"{len(done)} sites already quantized (weights Q/DQ'd by an earlier "
+                         f"pass), left as they are: no {self.scheme} quantization added to them "
+                         f"({', '.join(done[:3])}{', ...' if len(done) > 3 else ''})")
         if not todo:
             return PassResult.unchanged(gm, notes, sites_quantized=0)
         check_annotations(gm, todo)

@@ -248,6 +248,9 @@ def test_second_run_modifies_nothing(scheme, calib_batches, probe_ids):
     assert res.modified is False and res.stats["sites_quantized"] == 0
     assert gm.code == code
     assert torch.equal(gm(probe_ids), out)
+    # the sites it found quantized are named, not silently passed over
+    assert any("already quantized" in n and f"no {scheme} quantization added" in n
+               for n in res.notes), res.notes
 
 
 # ----------------------------------------------------------------------------- bad input
