@@ -177,6 +177,7 @@ class _AWQVisitor(BlockVisitor):
         self.inputs: dict[fx.Node, list[torch.Tensor]] = {}
         self.done: set[fx.Node] = set()
         self.scaled: list[tuple[str, float]] = []
+        self.searched = 0  # sites whose scale was searched (scaled or not)
         self.clipped = 0
         self.notes: list[str] = []
 
@@ -215,6 +216,7 @@ class _AWQVisitor(BlockVisitor):
 
     def _scale(self, block: Block, runner: BlockRunner, s: SmoothingSite) -> None:
         xs = self.inputs[s.x]
+        self.searched += 1
         n_tok = sum(x.numel() // x.shape[-1] for x in xs)
         col_mean = sum(x.reshape(-1, x.shape[-1]).abs().double().sum(0) for x in xs) / n_tok
         # per producer channel: the mean over the consumer columns holding it
@@ -349,7 +351,8 @@ class AWQ(Pass):
             return PassResult.unchanged(gm, notes, linears_quantized=0)
         # mutate: round to nearest in insert_qdq's form
         stats = rewrite_sites(gm, todo, {})
-        stats.update(sites_scaled=len(visitor.scaled), linears_clipped=visitor.clipped)
+        stats.update(sites_searched=visitor.searched, sites_scaled=len(visitor.scaled),
+                     linears_clipped=visitor.clipped)
         notes += [f"{site}: scaled, alpha {a:.2f}" for site, a in visitor.scaled]
         log.info("awq(group_size=%d): %d tensors scaled, %d linears clipped, %d rounded",
                  self.group_size, len(visitor.scaled), visitor.clipped,

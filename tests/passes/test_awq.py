@@ -47,6 +47,7 @@ def test_awq_rounds_in_insert_qdq_form_and_beats_rounding_on_outliers(calib_batc
     verify_graph(gm)
     assert ir.op_counts(gm) == ir.op_counts(rtn)
     assert res.stats["linears_quantized"] == 7 * LAYERS and res.stats["sites_scaled"] >= 2 * LAYERS
+    assert res.stats["sites_searched"] >= res.stats["sites_scaled"]
     assert res.stats["linears_clipped"] == 5 * LAYERS  # q and k feed attention scores: not clipped
 
     def err(g):
