@@ -303,6 +303,8 @@ class StructuredPrune(Pass):
         after = ir.count_params(gm)
         if decision.global_cap is not None:
             stats["global_cap"] = decision.global_cap
+        if decision.unit_overshoot is not None:
+            stats["max_unit_overshoot"] = decision.unit_overshoot
         stats.update(
             params_before=before, params_after=after,
             prunable_params=decision.prunable_params,

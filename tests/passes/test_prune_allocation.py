@@ -168,11 +168,12 @@ def test_auto_overshoot_tries_pruning_and_keeping_coarse_groups_and_keeps_the_be
     # so the two candidates differ: one kv group per layer removed, or attention left whole
     gm, calib = _scaled(1.0, 1.0)
     ctx = PassContext(calibration=calib)
-    StructuredPrune(ratio=0.4).run(gm, ctx)
+    res = StructuredPrune(ratio=0.4).run(gm, ctx)
     decision = ctx.extra["structured_prune"]
     assert set(decision.overshoot_losses) == set(OVERSHOOT_CANDIDATES)
     losses = decision.overshoot_losses
     assert decision.unit_overshoot == min(losses, key=losses.__getitem__)
+    assert res.stats["max_unit_overshoot"] == decision.unit_overshoot
     with torch.no_grad():
         loss = sum(float(next_token_loss(gm(ids), ids)) for ids in calib) / len(calib)
     assert loss == pytest.approx(losses[decision.unit_overshoot], rel=1e-5)
