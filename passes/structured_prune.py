@@ -104,6 +104,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import fx
@@ -172,6 +173,18 @@ class GroupDecision:
     removed: list[int] = field(default_factory=list)
     unit_width: int = 1
     heads_per_unit: int = 0
+
+
+class _Allocation(NamedTuple):
+    """One allocation tried by :meth:`StructuredPrune.decide` (one ``max_unit_overshoot``)."""
+
+    overshoot: float
+    whole: int  # groups left whole as too coarse for the ratio
+    cap: float | None
+    cap_losses: dict[float, float]
+    notes: list[str]
+    choice: dict[str, tuple[list[int], list[int]]]  # group -> (kept, removed)
+    loss: float | None  # calibration loss (only when several allocations are compared)
 
 
 @dataclass
@@ -365,9 +378,8 @@ class StructuredPrune(Pass):
 
         first = second = None
         if self.importance in ("taylor", "taylor2") and self.ratio > 0:
-            batches = ctx.require_calibration(f"structured_prune(importance={self.importance})")
-            if self.max_batches:
-                batches = batches[: self.max_batches]
+            ctx.require_calibration(f"structured_prune(importance={self.importance})")
+            batches = self._loss_batches(ctx)
             targets = sorted({m.target for _, kept, _ in variants.values()
                               for g, _ in kept for m in g.members})
             first, second = taylor_terms(gm, batches, targets,
@@ -381,7 +393,7 @@ class StructuredPrune(Pass):
                 d.scores = self._unit_scores(gm, g, d, first, second, gen)
 
         search = len(variants) > 1
-        tried = []  # (loss, overshoot, cap, cap_losses, notes, {group: (kept, removed)})
+        tried: list[_Allocation] = []
         for ov, kept, vnotes in variants.values():
             if not kept:
                 continue
@@ -401,26 +413,24 @@ class StructuredPrune(Pass):
             if search:
                 loss = cap_losses[cap] if cap_losses else zeroed_loss(
                     gm, cg, [d for _, d in cands], self._loss_batches(ctx))
-            tried.append((loss, ov, cap, cap_losses, vnotes,
-                          {d.group: (d.kept, d.removed) for _, d in cands}))
+            tried.append(_Allocation(ov, len(cands) - len(kept), cap, cap_losses, vnotes,
+                                     {d.group: (d.kept, d.removed) for _, d in cands}, loss))
         if not tried:
             raise PassError(f"structured_prune: ratio={self.ratio} removes every unit of the "
                             "groups left to prune under every allocation tried; lower the ratio")
-        best = min(tried, key=lambda t: t[0]) if search else tried[0]
-        loss, ov, cap, cap_losses, vnotes, choice = best
+        best = min(tried, key=lambda a: a.loss) if search else tried[0]
         for _, d in cands:
-            d.kept, d.removed = choice[d.group]
+            d.kept, d.removed = best.choice[d.group]
             if not d.removed:
                 d.kept = list(range(d.num_units))
-        notes += vnotes
-        overshoot_losses = {t[1]: t[0] for t in tried} if search else {}
+        notes += best.notes
+        overshoot_losses = {a.overshoot: a.loss for a in tried} if search else {}
         if search:
             what = ", ".join(f"{o:g}: {v:.4f}" for o, v in overshoot_losses.items())
-            notes.append(f"coarse units: max_unit_overshoot {ov:g} chosen by calibration loss "
-                         f"({what}; {len([n for n in vnotes if 'left whole' in n])} groups "
-                         "left whole)")
-        return PruneDecision({d.group: d for _, d in cands}, notes, prunable, cap, cap_losses,
-                             ov, overshoot_losses)
+            notes.append(f"coarse units: max_unit_overshoot {best.overshoot:g} chosen by "
+                         f"calibration loss ({what}; {best.whole} groups left whole)")
+        return PruneDecision({d.group: d for _, d in cands}, notes, prunable, best.cap,
+                             best.cap_losses, best.overshoot, overshoot_losses)
 
     def _overshoots(self, ctx: PassContext) -> tuple[float, ...]:
         """The ``max_unit_overshoot`` values to try: the option, or with ``"auto"`` the
