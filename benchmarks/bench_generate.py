@@ -36,7 +36,8 @@ Variants, all from the same Hugging Face folder:
   ``CompiledModel.export_genai(<out>)``. ``ours_w4a16_acc0`` is the same W4A16 graph at
   ``accuracy_level=0`` (float compute: the graph's own arithmetic, true A16). Not in the default
   set (``--variants``): ``ours_fp32_unfused`` / ``ours_w4a16_unfused``, the same without
-  ``fuse_linears``, to measure what packing buys.
+  ``fuse_linears``, to measure what packing buys; ``ours_fp32_qkv``, q|k|v packed and gate|up
+  left as two MatMuls (``fuse_linears(min_group=3)``: no ``Split`` on the MLP).
   Our embeddings stay float (a ``Gather`` reads one row per token), as the builder's do.
 
 The thread count lives in each folder's ``genai_config.json``: ``model.decoder.session_options
@@ -115,6 +116,9 @@ VARIANTS: dict[str, tuple[str, object]] = {
     # the same W4A16 graph with float compute (true A16, the graph's arithmetic)
     "ours_w4a16_acc0": ("ours", (["fuse_linears", "insert_qdq(scheme=w4a16, group_size=32, "
                                   "quantize_lm_head=true)"], 0)),
+    # q|k|v packed, gate|up left as two MatMuls (``min_group=3``): at fp32 decode the packed
+    # gate|up saves no weight bytes and adds a Split
+    "ours_fp32_qkv": ("ours", (["fuse_linears(min_group=3)"], "auto")),
     "ours_fp32_unfused": ("ours", ([], "auto")),
     "ours_w4a16_unfused": ("ours", (["insert_qdq(scheme=w4a16, group_size=32, "
                                      "quantize_lm_head=true)"], "auto")),
@@ -124,7 +128,7 @@ VARIANTS: dict[str, tuple[str, object]] = {
 }
 DEFAULT_VARIANTS = ["ours_fp32", "ours_w8a8", "ours_w4a16", "ours_w4a16_acc0", "builder_fp32",
                     "builder_int8", "builder_int4"]
-PAIRS = [("ours_fp32", "builder_fp32"), ("ours_w8a8", "builder_int8"),
+PAIRS = [("ours_fp32", "builder_fp32"), ("ours_fp32_qkv", "builder_fp32"), ("ours_w8a8", "builder_int8"),
          ("ours_w4a16", "builder_int4"), ("ours_w4a16_acc0", "builder_int4"),
          ("ours_fp32", "ours_fp32_unfused"), ("ours_w4a16", "ours_w4a16_unfused")]
 MARKER = ".bench_generate.json"  # the recipe a folder was built from, written last
