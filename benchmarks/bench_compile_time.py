@@ -9,7 +9,8 @@ calibration batches, measured in the same process (the forward first). Per pass:
 calibration sweeps (activation-statistics runs over the calibration set; SliceGPT's
 block-sequential engine is one sweep of its own, not counted there). Peak memory: the process's
 maximum resident set (the original model is held alongside the compiled one, as a user's
-process would).
+process would), and per phase (forward, compile, export) where Linux lets the peak mark be reset
+(``/proc/self/clear_refs``).
 
 Run: ``python benchmarks/bench_compile_time.py [--layers 12] [--samples 32] [--seq 512]
 [--batch 4] [--out results.json]``; ``--passes`` replaces the pipeline (registry specs).
@@ -40,6 +41,27 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def reset_peak() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux: ``/proc/self/clear_refs``), so
+    :func:`phase_peak_mb` reads the peak of the phase that follows; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def phase_peak_mb() -> float | None:
+    """Peak RSS since the last :func:`reset_peak` (``VmHWM``), or None where unreadable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
@@ -68,13 +90,18 @@ def main(argv: list[str] | None = None) -> dict:
     forward = time.perf_counter() - t0
     print(f"plain forward over {args.samples} x {args.seq}: {forward:.1f} s", flush=True)
 
+    phase_peaks = {"forward": phase_peak_mb()}
+    resettable = reset_peak()
     t0 = time.perf_counter()
     cm = compiler.compile(model, passes=args.passes, calibration=batches)
     compiled = time.perf_counter() - t0
+    phase_peaks["compile"] = phase_peak_mb() if resettable else None
+    reset_peak()
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         cm.export_onnx(Path(d) / "model.onnx")
         export = time.perf_counter() - t0
+    phase_peaks["export"] = phase_peak_mb() if resettable else None
     total = compiled + export
     rows = [{"pass": r.spec, "seconds": round(r.seconds, 1), "sweeps": r.sweeps}
             for r in cm.report.records]
@@ -86,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         "export_s": round(export, 1), "total_s": round(total, 1),
         "ratio": round(total / forward, 2), "passes": rows,
         "traced_and_checked_s": round(compiled - sum(r.seconds for r in cm.report.records), 1),
-        "peak_rss_mb": round(peak_mb()),
+        "peak_rss_mb": round(max(peak_mb(), *(v for v in phase_peaks.values() if v))),
+        "phase_peak_rss_mb": {k: v and round(v) for k, v in phase_peaks.items()},
     }
     print(cm.report.table())
     print(f"| step | seconds | calibration sweeps |\n|---|---:|---:|")
@@ -96,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| trace, canonicalize, checks | {result['traced_and_checked_s']} | - |")
     print(f"| export_onnx | {export:.1f} | - |")
     print(f"| **total / forward** | {total:.1f} | **{result['ratio']}x** |")
-    print(f"peak RSS {result['peak_rss_mb']} MB")
+    print(f"peak RSS {result['peak_rss_mb']} MB; per phase (MB): "
+          + ", ".join(f"{k} {v}" for k, v in result["phase_peak_rss_mb"].items()))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return result

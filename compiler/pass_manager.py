@@ -350,33 +350,38 @@ _WIDEN = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class _Float64Interpreter(fx.Interpreter):
-    """Runs a graph in float64: parameters widened on fetch, float dtype arguments widened.
+    """Runs a graph in float64: float tensor and float dtype arguments widened at each op.
+
+    Parameters are widened where an op reads them, not on fetch: traced graphs fetch every
+    parameter at the top, so widening there would hold the whole model in float64 at once
+    (1 GB for a 134M model); this way one op's weights are widened at a time.
 
     Ops outside ``aten`` (PT2E Q/DQ, custom kernels) get their float64 tensors narrowed to
     float32 and return widened results: quantization is part of the function, not rounding.
     """
 
-    def fetch_attr(self, target: str):
-        value = super().fetch_attr(target)
-        if isinstance(value, torch.Tensor) and value.dtype in _WIDEN:
-            return value.detach().double()  # not cached: one layer's weights alive at a time
-        return value
-
     def call_method(self, target, args, kwargs):
-        args, kwargs = fx.node.map_aggregate((args, kwargs), _widen_dtype)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _widen_arg)
         return super().call_method(target, args, kwargs)
 
     def call_function(self, target, args, kwargs):
-        args, kwargs = fx.node.map_aggregate((args, kwargs), _widen_dtype)
         namespace = getattr(target, "namespace", "aten")
         if namespace in ("aten", "prims"):
+            args, kwargs = fx.node.map_aggregate((args, kwargs), _widen_arg)
             return super().call_function(target, args, kwargs)
+        args, kwargs = fx.node.map_aggregate((args, kwargs), _widen_arg)
         args, kwargs = fx.node.map_aggregate((args, kwargs), _narrow_tensor)
         return fx.node.map_aggregate(super().call_function(target, args, kwargs), _widen_tensor)
 
 
 def _widen_dtype(a):
     return torch.float64 if isinstance(a, torch.dtype) and a in _WIDEN else a
+
+
+def _widen_arg(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().double() if a.dtype in _WIDEN else a
+    return _widen_dtype(a)
 
 
 def _narrow_tensor(a):

@@ -245,15 +245,26 @@ def normalized_covariance(x: torch.Tensor, eps: float) -> torch.Tensor:
 
     Args:
         x: ``[..., d]`` residual tensor; eps: the norm's epsilon.
+
+    The product of one batch is formed in float32 (a relative error of about 2e-7 against
+    float64 at 2048 tokens, 1.4x faster on CPU) and the batches are summed in float64.
     """
-    x = x.double().reshape(-1, x.shape[-1])
+    x = x.float().reshape(-1, x.shape[-1])
     n = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return n.T @ n
+    return (n.T @ n).double()
 
 
-def project(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``x Q_k Q_k^T`` (the sliced stream seen in the original coordinates), in ``x``'s dtype."""
-    return ((x.double() @ q) @ q.T).to(x.dtype)
+def projector(q: torch.Tensor) -> torch.Tensor:
+    """``Q_k Q_k^T`` ``[d, d]`` (float64) of the kept directions ``q`` ``[d, k]``."""
+    q = q.double()
+    return q @ q.T
+
+
+def project(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``x P`` with ``P = Q_k Q_k^T`` from :func:`projector` (the sliced stream seen in the
+    original coordinates), in ``x``'s dtype: one GEMM in that dtype (float32: 4.5x faster than
+    ``(x Q_k) Q_k^T`` in float64, relative difference about 4e-7)."""
+    return x @ p.to(x.dtype)
 
 
 class SequentialBases(BlockVisitor):
@@ -289,6 +300,7 @@ class SequentialBases(BlockVisitor):
         self.bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.group_of_key: dict[str, str] = {}
         self._cov: torch.Tensor | None = None
+        self._projectors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         # the open group: name, summed covariance, first unit, its raw inputs, units so far
         self._group: str | None = None
         self._group_cov: torch.Tensor | None = None
@@ -319,6 +331,14 @@ class SequentialBases(BlockVisitor):
     def _q(self, key: str) -> torch.Tensor:
         return self.bases[self.group_of_key[key]][1][:, :self.widths[key]]
 
+    def _p(self, key: str) -> torch.Tensor:
+        """The projector of ``key``'s kept directions, cached per basis estimate."""
+        q = self.bases[self.group_of_key[key]][1]
+        cached = self._projectors.get(key)
+        if cached is None or cached[0] is not q:
+            cached = self._projectors[key] = (q, projector(self._q(key)))
+        return cached[1]
+
     def observed(self, block: Block) -> list[fx.Node]:
         return [block.input] if self._decides(block) else []
 
@@ -341,8 +361,8 @@ class SequentialBases(BlockVisitor):
             self.group_of_key[key] = group
         self._group_units.append(block)
         if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
-            q = self._q(key)
-            runner.replace_inputs([project(x, q) for x in runner.inputs])
+            p = self._p(key)
+            runner.replace_inputs([project(x, p) for x in runner.inputs])
 
     def _replay(self, runner: BlockRunner) -> None:
         """Re-run the open group's earlier units with its current basis estimate."""
@@ -352,7 +372,7 @@ class SequentialBases(BlockVisitor):
             for unit in self._group_units:
                 k = self._key(unit)
                 if k in self.group_of_key:
-                    x = project(x, self._q(k))
+                    x = project(x, self._p(k))
                 x = runner.run(unit, i, x)
             xs.append(x)
         runner.replace_inputs(xs)
@@ -505,18 +525,34 @@ def tied_head(gm: fx.GraphModule, rs: ResidualStream
     _, wn, _ = ir.linear_parts(head)
     if ir.param_node(wn) is None or rs.norm_feeding(head) is None:
         return None
-    w = ir.get_param(gm, wn).double()
+    w32 = ir.get_param(gm, wn)
     for src in rs.sources:
         t = src.args[0]
         if ir.param_node(t) is None:
             continue
-        e = ir.get_param(gm, t).double()
-        if e.shape != w.shape or e.shape[1] != rs.width:
+        e32 = ir.get_param(gm, t)
+        if e32.shape != w32.shape or e32.shape[1] != rs.width:
             continue
-        g = (w * e).sum(0) / (e * e).sum(0).clamp(min=1e-300)
-        eg = e * g
-        if bool(((w - eg).abs() <= 4 * torch.finfo(torch.float32).eps * eg.abs() + 1e-30).all()):
+        # a few rows first: an untied head fails there without the whole table in float64
+        rows = slice(0, min(_TIE_PROBE_ROWS, e32.shape[0]))
+        if _gain_of(w32[rows].double(), e32[rows].double()) is None:
+            continue
+        g = _gain_of(w32.double(), e32.double())
+        if g is not None:
             return src, head, g
+    return None
+
+
+#: rows of the table checked before the whole of it (see :func:`tied_head`)
+_TIE_PROBE_ROWS = 64
+
+
+def _gain_of(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
+    """The per-column ``g`` with ``w == e diag(g)`` within float32 rounding, or None."""
+    g = (w * e).sum(0) / (e * e).sum(0).clamp(min=1e-300)
+    eg = e * g
+    if bool(((w - eg).abs() <= 4 * torch.finfo(torch.float32).eps * eg.abs() + 1e-30).all()):
+        return g
     return None
 
 
@@ -776,6 +812,7 @@ __all__ = [
     "head_key",
     "normalized_covariance",
     "project",
+    "projector",
     "pca_basis",
     "residual_bases",
     "rotate_residual",

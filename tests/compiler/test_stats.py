@@ -296,3 +296,25 @@ def test_progress_bar_does_not_change_the_statistics(calib_batches):
     quiet = collect_stats(gm, calib_batches)
     shown = collect_stats(gm, calib_batches, progress=True)
     assert all(torch.equal(quiet[s].absmax, shown[s].absmax) for s in quiet)
+
+
+def test_instrumented_copy_runs_only_what_the_observers_read():
+    """An unobserved LM head (and anything else after the last observed tensor) is not run."""
+    model, gm = f64_model_and_graph("llama")
+    sites = site_map(gm)
+    first = next(s for s in sites if s.endswith(":in"))
+    node = sites[first]
+    acc = stats_mod._Accumulator(node.name, covariance=False)
+    inst = stats_mod._instrumented_copy(gm, {node: acc})
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    kept = [n for n in inst.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    assert linears and len(kept) < len(linears)
+    assert not any(n.name == linears[-1].name for n in inst.graph.nodes)  # the LM head
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    inst(ids)
+    ref = hook_reference(model, [ids], [first.split(":")[0]])
+    assert_matches(acc.result(), ref[first.split(":")[0]], xtx=False)
+    # the full table still observes the LM head's input and output when asked
+    table = collect_stats(gm, [ids], sites=[s for s in sites if s.startswith("lm_head")])
+    out = hook_reference(model, [ids], ["lm_head"], output=True)["lm_head"]
+    assert_matches(table["lm_head:out"], out, xtx=False)
