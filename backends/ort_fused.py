@@ -57,7 +57,6 @@ are left to ORT's own fusions, which fire on them (``QuickGelu``).
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 from collections.abc import Callable
@@ -667,7 +666,7 @@ def lower_fused(kv, *, norms: bool = True, attention: bool = True,
     Returns:
         ``(lowered GraphModule, stats with one note per site left generic)``.
     """
-    gm = copy.deepcopy(kv.graph_module)
+    gm = ir.copy_sharing_weights(kv.graph_module)
     stats = FusionStats()
     if attention:
         _fuse_attention(gm, kv.layers, stats, max_positions)

@@ -45,7 +45,6 @@ exporter's default translations; :func:`integer_kernel_counts` then reports floa
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 from collections import Counter
@@ -285,7 +284,7 @@ def lower_for_ort(
         rounding order (see the module docstring for the identities).
     """
     accuracy_level = resolve_accuracy_level(accuracy_level)
-    out = copy.deepcopy(gm)
+    out = ir.copy_sharing_weights(gm)  # parameters replaced, never written into
     g = out.graph
     stats = LoweringStats()
     act_cache: dict[fx.Node, tuple[fx.Node, fx.Node, bool]] = {}

@@ -325,6 +325,20 @@ def iter_get_attrs(gm: fx.GraphModule) -> Iterator[fx.Node]:
 # ----------------------------------------------------------------------------- parameters
 
 
+def copy_sharing_weights(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy of ``gm`` (graph, modules, metadata) whose parameters and buffers are the
+    same tensor objects as ``gm``'s.
+
+    For rewrites that replace tensors (:func:`set_param`, :func:`add_param`, removing attributes)
+    but never write into one: the copy costs no weight memory, and ``gm`` is left as it was.
+    """
+    import copy
+
+    memo: dict[int, Any] = {id(t): t for _, t in gm.named_parameters(remove_duplicate=False)}
+    memo.update({id(t): t for _, t in gm.named_buffers(remove_duplicate=False)})
+    return copy.deepcopy(gm, memo)
+
+
 def _resolve(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
     *path, leaf = target.split(".")
     mod = gm

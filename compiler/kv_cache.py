@@ -41,7 +41,6 @@ then single-token steps must reproduce the full forward's logits at every positi
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -310,7 +309,7 @@ def with_kv_cache(gm: fx.GraphModule, *, cache_heads: int | None = None,
     if len(placeholders) != 1:
         raise PreconditionError(f"the KV-cache rewrite takes a graph input_ids -> logits; this "
                                 f"one has {len(placeholders)} inputs")
-    gm = copy.deepcopy(gm)
+    gm = ir.copy_sharing_weights(gm)
     g = gm.graph
     ids = next(n for n in g.nodes if n.op == "placeholder")
     ids_val = ids.meta.get("val")
@@ -509,7 +508,7 @@ def without_activation_qdq(gm: fx.GraphModule) -> fx.GraphModule:
     Weights (``dequantize`` of a parameter) stay as they are; what remains is the float
     function the quantized graph rounds.
     """
-    gm = copy.deepcopy(gm)
+    gm = ir.copy_sharing_weights(gm)
     for n in list(gm.graph.nodes):
         if not (_is_qd(n, "dequantize") and isinstance(n.args[0], fx.Node)
                 and _is_qd(n.args[0], "quantize")):
@@ -583,7 +582,7 @@ def last_position_logits(kv: KVCacheGraph, *, check: bool = True) -> tuple[KVCac
 def _slice_last(kv: KVCacheGraph, *, head_input: bool) -> tuple[KVCacheGraph, str | None]:
     """``(graph, reason)``: the head's input sliced (reason None) or, where that is not
     position-wise (the reason), the logits."""
-    gm = copy.deepcopy(kv.graph_module)
+    gm = ir.copy_sharing_weights(kv.graph_module)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     logits = out.args[0][0]
     head, why = _lm_head_of(logits) if head_input else (None, "not asked")
