@@ -61,6 +61,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.memory import release_free_memory
 from compiler.depgraph import build_channel_groups
 from compiler.errors import DataError, PassError, PreconditionError
 
@@ -445,6 +446,7 @@ def run_blockwise(
     part = partition_blocks(gm, unit)
     SWEEPS["run_blockwise"] += 1  # one pass over the calibration set, block by block
     runner = BlockRunner(gm, part, store_dtype)
+    release_free_memory()
     runner.start(batches)
     blocks: Iterable[Block] = part.blocks
     if progress:

@@ -57,6 +57,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.memory import release_free_memory
 from compiler.errors import FxCompressError, PipelineError, PreconditionError, VerificationError
 from compiler.inspection import block_params
 from compiler.pass_base import Pass, PassContext, PassResult
@@ -280,6 +281,7 @@ class PassManager:
             ctx.history.append(p.name)
             for inst in self.instruments:
                 inst.after_pass(p, gm, ctx, record)
+            release_free_memory()  # what the pass freed, before the next one allocates
             log.info(
                 "pass %d %r: %.2fs, modified=%s, %s", i, p, record.seconds, result.modified,
                 ", ".join(f"{k}={v}" for k, v in result.stats.items()),

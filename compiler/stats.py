@@ -70,6 +70,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.memory import release_free_memory
 from compiler.errors import DataError, FxCompressError
 from compiler.pass_base import Analysis, PassContext
 
@@ -518,6 +519,7 @@ def collect_stats(
             return table
 
     inst = _instrumented_copy(gm, accs)
+    release_free_memory()
     _run_batches(inst, batches, progress)
     tensors = {node.name: acc.result() for node, acc in accs.items()}
     table = StatsTable(tensors, site_to_tensor)
