@@ -5,7 +5,7 @@ allocated and freed many mid-sized tensors (a calibration sweep, a pass that rew
 weight), that memory stays resident and the next phase's allocations fragment around it. On the
 134M model of ``benchmarks/bench_compile_time.py`` calling ``malloc_trim(0)`` between passes and
 before each statistics sweep lowered the export phase's peak RSS from 2.72 to 2.39 GB and the
-compile phase's from 2.78 to 2.68-2.78 GB (runs made together), with no cost in time that the
+compile phase's from 2.78 to 2.68-2.86 GB (runs made together; that peak varies by 0.2 GB), with no cost in time that the
 VM's noise shows (72 s with, 75 s without). The same technique is what Dask
 documents for its workers' "unmanaged memory".
 
