@@ -62,3 +62,11 @@ def test_smoke_run_times_every_variant(tmp_path):
         assert len(r["prefill_ms"]["rounds"]) == 1 and r["decode_tok_s"]["median"] > 0
     if ours:
         assert "ours_w8a8/builder_int8" in data["pairs"]
+
+    # benchmarks/profile_decode.py profiles one decode step of a built folder
+    prof = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "profile_decode.py"),
+         str(next(tmp_path.glob("*/builder_fp32"))), "--steps", "3", "--past", "4",
+         "--buffer", "16"],
+        check=True, capture_output=True, text=True, timeout=300).stdout
+    assert "decode step" in prof and "MatMul" in prof and "GroupQueryAttention" in prof
