@@ -41,7 +41,8 @@ moves the range back into those weight columns and avoids it.
 ``backends/ort_quant.py``) and evaluate it in ONNX Runtime on the same windows; the table gets
 the ORT perplexity and its relative difference from the graph's.
 
-Run: ``python benchmarks/quality_quant.py [--windows 256] [--ort] [--out results.md]``.
+Run: ``python benchmarks/quality_quant.py [--windows 256] [--ort] [--pass-manager] [--out results.md]``
+(``--pass-manager``: each pipeline through one pass manager, as ``compile()`` runs it).
 """
 
 from __future__ import annotations
@@ -143,9 +144,19 @@ W4_ORT = ("rtn_g32", "rtn_g64", "gptq_g32", "gptq_g64", "gptq_act_order_g32", "a
           "awq_g64")
 
 
-def run_pipeline(gm, passes, calib) -> torch.fx.GraphModule:
-    """Run ``passes`` on a copy of ``gm`` with one context (analyses are recomputed per pass)."""
+def run_pipeline(gm, passes, calib, pass_manager: bool = False) -> torch.fx.GraphModule:
+    """Run ``passes`` on a copy of ``gm``: each pass with a context of its own (every pass
+    measures its statistics), or, with ``pass_manager``, through one :class:`PassManager` and
+    context as ``compile()`` does (statistics handed from pass to pass, exact passes checked)."""
     gm = copy.deepcopy(gm)
+    if pass_manager:
+        from compiler.pass_manager import PassManager
+        from compiler.report import Report
+
+        ctx = PassContext(calibration=calib, probe_inputs=calib[0][:1])
+        ctx.properties.add("canonical")
+        PassManager(passes).run(gm, ctx, Report(model="stories260K"))
+        return gm
     for p in passes:
         ctx = PassContext(calibration=calib)
         p.run(gm, ctx)
@@ -161,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ort", action="store_true",
                     help="also evaluate the int8-activation pipelines in ONNX Runtime")
     ap.add_argument("--no-outliers", action="store_true", help="skip the outlier variant")
+    ap.add_argument("--pass-manager", action="store_true",
+                    help="run each pipeline through one PassManager, as compile() does")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -177,7 +190,7 @@ def main(argv=None) -> int:
         ref = None
         for name in names:
             t0 = time.perf_counter()
-            gm = run_pipeline(gm0, pipelines()[name], calib)
+            gm = run_pipeline(gm0, pipelines()[name], calib, args.pass_manager)
             ppl = perplexity(gm, windows, progress=False).ppl
             ref = ppl if name == "fp32" else ref
             rel = "" if ref is None or name == "fp32" else f"{100 * (ppl / ref - 1):+.2f}%"

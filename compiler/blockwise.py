@@ -35,7 +35,9 @@ What the engine does (:func:`run_blockwise`), for a :class:`BlockVisitor` suppli
    (``propagate="transformed"``, GPTQ) or the outputs of the observation run
    (``propagate="original"``, AWQ). A visitor that observes only the block's input (or
    nothing) with ``propagate="transformed"`` gets the stored inputs without an observation run,
-   so the block runs once. ``transform`` may also replace the stored inputs
+   so the block runs once. The epilogue runs only up to its last observed node (its output
+   goes nowhere: an LM head nobody observes is not computed). ``transform`` may also replace
+   the stored inputs
    (:meth:`BlockRunner.replace_inputs`, e.g. SliceGPT's projection at a block boundary).
 
 Memory: the block inputs and outputs of the calibration set for one block (optionally stored in
@@ -407,6 +409,13 @@ class BlockRunner:
         return env[until]
 
 
+def _last_observed(block: Block, want: Sequence[fx.Node]) -> fx.Node:
+    """The last node of ``block`` in ``want`` (its input when none is inside)."""
+    wanted = set(want)
+    inside = [n for n in block.nodes if n in wanted]
+    return inside[-1] if inside else block.input
+
+
 def run_blockwise(
     gm: fx.GraphModule,
     batches: Sequence[torch.Tensor],
@@ -461,9 +470,12 @@ def run_blockwise(
             for i in range(len(batches) if want else 0):
                 visitor.observe(block, block.input, runner.input_value(i), i)
         else:
+            # the epilogue's output is never propagated: it runs up to its last observed node
+            # (an LM head nobody observes is a fifth of a Llama's forward)
+            until = _last_observed(block, want) if block.epilogue else None
             for i in range(len(batches)):
                 cbs = {n: (lambda v, n=n, i=i: visitor.observe(block, n, v, i)) for n in want}
-                out = runner.run(block, i, observe=cbs)
+                out = runner.run(block, i, observe=cbs, until=until)
                 if not block.epilogue and propagate == "original":
                     outs.append(runner._store(out))
         visitor.transform(block, runner)

@@ -157,23 +157,37 @@ class AnalysisManager:
         #: computations per analysis name (e.g. calibration runs of ``activation_stats``)
         self.computed: Counter[str] = Counter()
 
-    def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
-        """The cached result of ``analysis`` on ``gm``'s graph with ``key``, computed if absent."""
+    def peek(self, analysis: type[Analysis], gm: fx.GraphModule, **key) -> Any:
+        """The cached result :meth:`get` would return for this request, or None (never
+        computes; lets a pass choose how to compute what is not at hand)."""
+        found, value = self._lookup(analysis, gm, key)
+        return value if found else None
+
+    def _lookup(self, analysis: type[Analysis], gm: fx.GraphModule, key: dict) -> tuple[bool, Any]:
         graph = gm.graph
-        entries = self._cache.setdefault(graph, {})
-        k = (analysis.name, tuple(sorted(key.items())))
-        hit = entries.get(k)
+        entries = self._cache.get(graph, {})
+        hit = entries.get((analysis.name, tuple(sorted(key.items()))))
         if hit is not None and hit[0] == len(graph.nodes):
-            self.hits += 1
-            return hit[1]
+            return True, hit[1]
         reuse = getattr(analysis, "reuse", None)
         if reuse is not None:  # a wider cached result answers a narrower request
             for (name, _), (count, value) in list(entries.items()):
                 if name == analysis.name and count == len(graph.nodes):
                     answer = reuse(value, gm, **key)
                     if answer is not None:
-                        self.hits += 1
-                        return answer
+                        return True, answer
+        return False, None
+
+    def get(self, analysis: type[Analysis], gm: fx.GraphModule, ctx: PassContext, **key) -> Any:
+        """The cached result of ``analysis`` on ``gm``'s graph with ``key``, computed if absent."""
+        graph = gm.graph
+        found, value = self._lookup(analysis, gm, key)
+        if found:
+            self.hits += 1
+            return value
+        entries = self._cache.setdefault(graph, {})
+        k = (analysis.name, tuple(sorted(key.items())))
+        hit = entries.get(k)
         if hit is not None:
             log.debug("analysis %s: graph changed from %d to %d nodes since it was computed; "
                       "recomputing", analysis.name, hit[0], len(graph.nodes))

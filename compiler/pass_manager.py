@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 CALIBRATION_ANALYSIS = "activation_stats"
 
 
-def _sweeps(ctx: PassContext) -> int:
+def calibration_sweeps(ctx: PassContext) -> int:
     """Calibration sweeps so far: activation-statistics runs plus block-engine runs."""
     from compiler.blockwise import SWEEPS
 
@@ -238,7 +238,7 @@ class PassManager:
             for inst in self.instruments:
                 inst.before_pass(p, gm, ctx, record)
             t0 = time.perf_counter()
-            sweeps0 = _sweeps(ctx)
+            sweeps0 = calibration_sweeps(ctx)
             try:
                 result = p.run(gm, ctx)
             except FxCompressError as e:
@@ -249,7 +249,7 @@ class PassManager:
                     f"{_hist(ctx.history)}"
                 ) from e
             record.seconds = time.perf_counter() - t0
-            record.sweeps = _sweeps(ctx) - sweeps0
+            record.sweeps = calibration_sweeps(ctx) - sweeps0
             if not isinstance(result, PassResult):
                 raise PipelineError(f"pass {i} {p!r} returned {type(result).__name__}, not PassResult")
             gm = result.gm

@@ -28,7 +28,8 @@ of every pass that ran, with JSON-friendly data small enough for ``report.json``
   forward before the pass (keeping linear inputs and outputs) and one evaluation per layer.
 - ``variance``: for SliceGPT, the variance kept per PCA basis and the cumulative curve
   (``gm.meta["fxcompress_slicegpt_variance"]``, written by :mod:`passes.slicegpt`).
-- ``sweeps``: activation-statistics computations over the calibration set during the pass.
+- ``sweeps``: calibration sweeps during the pass (activation-statistics runs and block-engine
+  runs, :func:`compiler.pass_manager.calibration_sweeps`).
 
 :class:`PassPerplexity` (opt-in: ``fxcompress compile --ppl tinystories:16``) sets
 ``PassRecord.perplexity`` to the perplexity before and after every pass that changed the graph.
@@ -50,7 +51,7 @@ from torch import fx
 from compiler import ir
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext
-from compiler.pass_manager import Instrument
+from compiler.pass_manager import Instrument, calibration_sweeps
 from compiler.report import PassRecord
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ _FINGERPRINT = 64
 #: ops drawn through (their input stands for them) and ops left out (shape bookkeeping)
 _THROUGH = {"getitem", "alias"}
 _DROPPED = {"sym_size", "sym_numel", "sym_stride"}
-_STATS = "activation_stats"
 _VARIANCE_META = "fxcompress_slicegpt_variance"
 
 
@@ -591,7 +591,7 @@ class ReportCapture(Instrument):
         t0 = time.perf_counter()
         if self._snap is None:
             self._snap = snapshot(gm)
-        self._sweeps = ctx.analyses.computed[_STATS]
+        self._sweeps = calibration_sweeps(ctx)
         self._variance = gm.meta.get(_VARIANCE_META)
         self._quant = None
         if "quantized" in p.establishes:
@@ -621,7 +621,7 @@ class ReportCapture(Instrument):
         t0 = time.perf_counter()
         _, how = self._sample(ctx)
         details: dict[str, Any] = {"version": DETAILS_VERSION,
-                                   "sweeps": ctx.analyses.computed[_STATS] - self._sweeps}
+                                   "sweeps": calibration_sweeps(ctx) - self._sweeps}
         if record.modified:
             after = snapshot(gm)
             details["graph"] = graph_change(self._snap, after)

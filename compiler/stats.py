@@ -44,6 +44,10 @@ is called after every observed tensor in the copy, nodes that no observed tensor
 dropped from the copy (an unobserved LM head does not run), and the copy runs every batch under
 ``torch.no_grad()``. The caller's GraphModule is never touched.
 
+Block by block (:class:`BlockStats`): the same statistics gathered inside a
+:mod:`compiler.blockwise` sweep, one block's tensors held at a time, so that a pass rescaling a
+block's channels (SmoothQuant) can have them, histograms included, taken on the rescaled values.
+
 Disk cache (optional, ``cache_dir``): a safetensors file keyed by a hash of the graph code,
 the parameters (names, shapes, dtypes and a strided sample of their values -- a cheap hash, not
 a full one), the calibration tensors and the requested sites, so recompiling with the same
@@ -332,10 +336,12 @@ def _unknown_site_message(site: str, known: Iterable[str], what: str) -> str:
 class _Accumulator:
     """Running float64 reductions over the rows of one tensor."""
 
-    def __init__(self, name: str, covariance: bool, histogram: bool = False) -> None:
+    def __init__(self, name: str, covariance: bool, histogram: bool = False,
+                 sqsum: bool | None = None) -> None:
         self.name = name
         self.want_xtx = covariance
         self.hist = torch.zeros(HIST_BINS, dtype=torch.float64) if histogram else None
+        self.want_sqsum = histogram if sqsum is None else sqsum
         self.sqsum: torch.Tensor | None = None
         self.absmax: torch.Tensor | None = None
         self.min: torch.Tensor | None = None
@@ -371,6 +377,7 @@ class _Accumulator:
             # fixed log2 bins; zeros and values below 2**HIST_LOG2_MIN fall in the first bin
             lg = torch.log2(x.detach().abs().float().clamp(min=2.0 ** HIST_LOG2_MIN))
             self.hist += torch.histc(lg, HIST_BINS, HIST_LOG2_MIN, HIST_LOG2_MAX).to(torch.float64)
+        if self.want_sqsum:
             sq = x.detach().to(torch.float64).square().sum(0)
             self.sqsum = sq if self.sqsum is None else self.sqsum.add_(sq)
         self.count += x.shape[0]
@@ -530,6 +537,98 @@ def collect_stats(
     if cache_file is not None:
         _save_cache(cache_file, table)
     return table
+
+
+class BlockStats:
+    """Statistics of named sites gathered inside a block-engine sweep, for a pass that rescales
+    channels block by block (:mod:`compiler.blockwise`).
+
+    The pass's :class:`~compiler.blockwise.BlockVisitor` hands :meth:`observed` and
+    :meth:`observe` over to this object. After a block's batches, :meth:`measured` gives that
+    block's extrema (and per-channel square sums with ``sqsum=True``), on which the pass decides;
+    the pass rescales the block (e.g. SmoothQuant's folds) and calls :meth:`finish` with the
+    per-channel factors of the tensors it changed. The block's final statistics, histograms
+    included, are then taken from its stored values times those factors: what a sweep of the
+    transformed graph measures, up to float32 rounding (a value within rounding of a bin edge
+    may land in the neighbouring bin). The stored values are freed block by block, so memory
+    holds one block's observed tensors (e.g. 4 linear inputs x calibration tokens).
+
+    Sites whose tensor is in no block (a linear reading the prologue, other than block 0's
+    input) are listed by :meth:`unreachable`; the caller takes another route for those.
+    """
+
+    def __init__(self, gm: fx.GraphModule, sites: Iterable[str], *, histogram: bool = True,
+                 sqsum: bool = False) -> None:
+        smap = site_map(gm)
+        wanted = set(_as_list(sites, "sites"))
+        for s in wanted:
+            if s not in smap:
+                raise UnknownSiteError(_unknown_site_message(s, smap, "observable tensor"))
+        self._site_node = {s: smap[s] for s in smap if s in wanted}  # graph order
+        self.site_to_tensor = {s: n.name for s, n in self._site_node.items()}
+        self._tensors = list(dict.fromkeys(self._site_node.values()))
+        self.histogram = histogram
+        self._sqsum = sqsum
+        self._assigned: set[fx.Node] = set()
+        self._first: dict[fx.Node, _Accumulator] = {}
+        self._values: dict[fx.Node, list[torch.Tensor]] = {}
+        self._final: dict[str, ChannelStats] = {}
+
+    def unreachable(self, blocks) -> list[str]:
+        """Sites whose tensor no block of ``blocks`` computes or takes as its input."""
+        seen = {n for b in blocks for n in b.nodes} | {b.input for b in blocks}
+        return [s for s, n in self._site_node.items() if n not in seen]
+
+    def observed(self, block) -> list[fx.Node]:
+        """The tensors of ``block`` to observe (each tensor in exactly one block)."""
+        inside = set(block.nodes) | {block.input}
+        out = [n for n in self._tensors if n in inside and n not in self._assigned]
+        self._assigned.update(out)
+        for n in out:
+            self._first[n] = _Accumulator(n.name, covariance=False, sqsum=self._sqsum)
+            self._values[n] = []
+        return out
+
+    def observe(self, node: fx.Node, value: torch.Tensor) -> None:
+        """One batch's value of an observed tensor."""
+        self._first[node].update(value)
+        self._values[node].append(value.detach())
+
+    def measured(self, block) -> StatsTable:
+        """The extrema (and square sums) of the tensors observed in ``block``, as computed."""
+        nodes = self._of(block)
+        return StatsTable({n.name: self._first[n].result() for n in nodes},
+                          {s: n.name for s, n in self._site_node.items() if n in nodes})
+
+    def _of(self, block) -> list[fx.Node]:
+        inside = set(block.nodes) | {block.input}
+        return [n for n in self._first if n in inside]
+
+    def finish(self, block, factors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Final statistics of ``block``'s tensors, each multiplied channel-wise by
+        ``factors[tensor name]`` (``[C]``, positive) where given; frees the stored values."""
+        factors = dict(factors or {})
+        for n in self._of(block):
+            acc = _Accumulator(n.name, covariance=False, histogram=self.histogram,
+                               sqsum=self._sqsum or self.histogram)
+            f = factors.pop(n.name, None)
+            if f is not None:
+                f = f.to(torch.float32)
+                if f.shape != (self._first[n].absmax.numel(),) or not bool((f > 0).all()):
+                    raise ValueError(f"BlockStats.finish: tensor {n.name}: factors must be "
+                                     f"{self._first[n].absmax.numel()} positive numbers")
+            for v in self._values.pop(n):
+                acc.update(v if f is None else v * f)
+            self._final[n.name] = acc.result()
+            del self._first[n]
+        if factors:
+            raise ValueError(f"BlockStats.finish: factors for tensors not in {block.name()}: "
+                             f"{sorted(factors)}")
+
+    def table(self) -> StatsTable:
+        """Every finished tensor's statistics (sites of unfinished tensors are left out)."""
+        return StatsTable(dict(self._final), {s: t for s, t in self.site_to_tensor.items()
+                                              if t in self._final})
 
 
 def _as_list(sites: Iterable[str], what: str) -> list[str]:

@@ -24,6 +24,17 @@ Scales (per producer channel, over every consumer column holding it):
 :class:`compiler.stats.ActivationStats` at the consumers' ``:in`` site and ``max|W_:,j|`` over
 all consuming linears. Channels whose activation or weight is all zero keep ``s = 1``.
 
+Statistics: one block-by-block sweep (:mod:`compiler.blockwise`, ``propagate="original"``:
+smoothing is exact, so the unsmoothed blocks' outputs feed the next block). Per block: the
+extrema of every linear input, then the block's sites decided and folded (later sites first),
+then the statistics of the smoothed inputs, log2 histograms included, taken from the block's
+stored inputs times ``1/s`` (:class:`compiler.stats.BlockStats`) and handed to the passes after,
+so ``insert_qdq``'s mse / percentile ranges need no sweep of their own. The scales are those of
+the whole-graph route bit for bit. That route (one :class:`compiler.stats.ActivationStats`
+sweep, whose extrema follow the scales exactly but whose histograms do not) is taken when the
+statistics are already at hand, when ``stats_cache_dir`` asks for the disk cache, when the
+graph has no block split, or when a site spans two blocks; the pass notes say which.
+
 Sites rewritten: every tensor read only by linears (the LM head excepted: it stays float by
 default, so smoothing it buys nothing) whose producer is foldable as above. Skipped, with a note:
 tensors also read by a non-linear op, the LM head's input, producers that are not linear in the
@@ -74,6 +85,7 @@ import torch
 from torch import fx
 
 from compiler import ir
+from compiler.blockwise import BlockVisitor
 from compiler.depgraph import ChannelGroups, ChannelGroupsAnalysis
 from compiler.errors import PassError
 from compiler.pass_base import Pass, PassContext, PassResult
@@ -519,51 +531,32 @@ class SmoothQuant(Pass):
         table_key = dict(sites=frozenset(s.site for s in todo)
                          | frozenset(linear_input_sites(gm)), covariance=frozenset(),
                          histogram=frozenset(s.site for s in todo) if auto else frozenset())
-        table = ctx.analysis(ActivationStats, gm, **table_key)
-        if any(table[s.site].absmax.shape[0] != s.channel_of.shape[0] for s in todo):
-            bad = next(s for s in todo if table[s.site].absmax.shape[0] != s.channel_of.shape[0])
-            raise PassError(f"smoothquant: site {bad.site}: statistics have "
-                            f"{table[bad.site].absmax.shape[0]} channels, consumers read "
-                            f"{bad.channel_of.shape[0]}")
-
-        # mutate. Later sites first: a site's consumers (v_proj, up_proj) may be a later
-        # site's producer, and their column maxima must be read after that site's fold, so a
-        # second run sees s = 1 everywhere.
-        plans = []
-        chosen: list[float] = []
         # alpha="auto" remembers the sites it smoothed, so a second run is a no-op as with a
         # fixed alpha (where s = 1 follows from the formula)
         searched = gm.meta.setdefault("smoothquant_searched", {}) if auto else {}
-        for s in reversed(todo):
-            if s.site in searched:
-                notes.append(f"{s.site}: already smoothed (alpha {searched[s.site]:g} from a "
-                             "search)")
-                continue
-            weights = _consumer_weights(gm, s)
-            wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
-            alpha = self.alpha
-            if auto:
-                st = table[s.site]
-                errs = alpha_search_errors(st.absmax, st.sqsum / max(st.count, 1), weights,
-                                           s.channel_of, s.width, self.alpha_grid)
-                alpha = self.alpha_grid[int(torch.argmin(errs))]
-                chosen.append(alpha)
-                searched[s.site] = alpha
-                notes.append(f"{s.site}: alpha {alpha:g} (search over {len(self.alpha_grid)}; "
-                             f"error {float(errs.min()):.3g} vs {float(errs[-1]):.3g} at "
-                             f"alpha {self.alpha_grid[-1]:g})")
-            scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width, alpha)
-            if (scale - 1).abs().max() <= UNIT_TOL:
-                continue  # already smooth (e.g. a second run)
-            fold_smoothing_scales(gm, s, scale)
-            plans.append((s, scale))
-            log.debug("smoothquant: %s: %d channels into %s (max s %.3g, min s %.3g)", s.site,
-                      s.width, ir.site(s.producer), scale.max(), scale.min())
+        chosen: list[float] = []
+        blockwise = _blockwise_route(gm, ctx, todo, table_key)
+        if isinstance(blockwise, str):  # one whole-graph sweep (or cached statistics)
+            notes.append(f"statistics: {blockwise}")
+            table = ctx.analysis(ActivationStats, gm, **table_key)
+            _check_widths(table, todo)
+            # Later sites first: a site's consumers (v_proj, up_proj) may be a later site's
+            # producer, and their column maxima must be read after that site's fold, so a
+            # second run sees s = 1 everywhere.
+            plans = [p for s in reversed(todo)
+                     if (p := self._smooth(gm, s, table, searched, chosen, notes)) is not None]
+            handed = smoothed_stats(table, plans)
+            handed_key = table_key
+        else:
+            plans, handed = self._smooth_blockwise(gm, ctx, todo, table_key, blockwise,
+                                                   searched, chosen, notes)
+            every = frozenset(handed.sites())
+            handed_key = dict(sites=every, covariance=frozenset(), histogram=every)
+        skipped = sum(1 for s in sites if s.skip is not None)
         if not plans:
-            return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=len(notes))
+            return PassResult.unchanged(gm, notes, sites_smoothed=0, sites_skipped=skipped)
         gm.recompile()
         by_norm = sum(1 for s, _ in plans if not ir.is_op(s.producer, ir.LINEAR))
-        skipped = sum(1 for s in sites if s.skip is not None)
         stats = {"sites_smoothed": len(plans), "folded_into_norms": by_norm,
                  "folded_into_linears": len(plans) - by_norm, "sites_skipped": skipped}
         if auto and chosen:
@@ -578,8 +571,118 @@ class SmoothQuant(Pass):
         result = PassResult(gm, True, frozenset() if created else frozenset({"channel_groups"}),
                             stats, notes)
         # (a created gain is a new argument of the same norm node: the table's tensors stand)
-        result.analyses.append((ActivationStats, dict(table_key), smoothed_stats(table, plans)))
+        result.analyses.append((ActivationStats, dict(handed_key), handed))
         return result
+
+    def _smooth(self, gm: fx.GraphModule, s: SmoothingSite, table, searched: dict,
+                chosen: list[float], notes: list[str]) -> tuple[SmoothingSite, torch.Tensor] | None:
+        """Decide ``s``'s scales from ``table`` and fold them; the plan, or None if left alone."""
+        if s.site in searched:
+            notes.append(f"{s.site}: already smoothed (alpha {searched[s.site]:g} from a search)")
+            return None
+        weights = _consumer_weights(gm, s)
+        wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
+        alpha = self.alpha
+        if alpha == "auto":
+            st = table[s.site]
+            errs = alpha_search_errors(st.absmax, st.sqsum / max(st.count, 1), weights,
+                                       s.channel_of, s.width, self.alpha_grid)
+            alpha = self.alpha_grid[int(torch.argmin(errs))]
+            chosen.append(alpha)
+            searched[s.site] = alpha
+            notes.append(f"{s.site}: alpha {alpha:g} (search over {len(self.alpha_grid)}; "
+                         f"error {float(errs.min()):.3g} vs {float(errs[-1]):.3g} at "
+                         f"alpha {self.alpha_grid[-1]:g})")
+        scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width, alpha)
+        if (scale - 1).abs().max() <= UNIT_TOL:
+            return None  # already smooth (e.g. a second run)
+        fold_smoothing_scales(gm, s, scale)
+        log.debug("smoothquant: %s: %d channels into %s (max s %.3g, min s %.3g)", s.site,
+                  s.width, ir.site(s.producer), scale.max(), scale.min())
+        return s, scale
+
+    def _smooth_blockwise(self, gm, ctx: PassContext, todo: list[SmoothingSite], table_key,
+                          block_of, searched, chosen, notes):
+        """One block-engine sweep: per block, the statistics of its linear inputs, its sites
+        smoothed (later sites first, as in the whole-graph order: every site lies within one
+        block), and the statistics of the smoothed inputs, histograms included, for the passes
+        after (``insert_qdq``'s ranges need no sweep of their own then)."""
+        from compiler.blockwise import run_blockwise
+        from compiler.stats import BlockStats
+
+        collector = BlockStats(gm, table_key["sites"], histogram=True,
+                               sqsum=self.alpha == "auto")
+        by_block: dict[int, list[SmoothingSite]] = {}
+        for s in todo:
+            by_block.setdefault(block_of[s.x], []).append(s)
+        plans: list[tuple[SmoothingSite, torch.Tensor]] = []
+        pass_ = self
+
+        class Sweep(BlockVisitor):
+            def observed(self, block):
+                return collector.observed(block)
+
+            def observe(self, block, node, value, batch):
+                collector.observe(node, value)
+
+            def transform(self, block, runner):
+                table = collector.measured(block)
+                _check_widths(table, by_block.get(block.index, []))
+                factors = {}
+                for s in reversed(by_block.get(block.index, [])):
+                    plan = pass_._smooth(gm, s, table, searched, chosen, notes)
+                    if plan is not None:
+                        plans.append(plan)
+                        factors[table.tensor_of(s.site)] = 1.0 / plan[1][s.channel_of]
+                collector.finish(block, factors)
+
+        run_blockwise(gm, ctx.require_calibration("smoothquant"), Sweep(), propagate="original",
+                      progress=ctx.progress,
+                      desc="smoothquant")
+        stale = set().union(*(_between(s.producer, s.x) for s, _ in plans)) if plans else set()
+        stale = {n.name for n in stale} - {s.x.name for s, _ in plans}
+        notes.append(f"statistics: one block-by-block sweep; histograms of the smoothed linear "
+                     f"inputs handed on ({len(collector.site_to_tensor)} sites)")
+        return plans, collector.table().without(stale)
+
+
+def _check_widths(table, todo: list[SmoothingSite]) -> None:
+    bad = next((s for s in todo if table[s.site].absmax.shape[0] != s.channel_of.shape[0]), None)
+    if bad is not None:
+        raise PassError(f"smoothquant: site {bad.site}: statistics have "
+                        f"{table[bad.site].absmax.shape[0]} channels, consumers read "
+                        f"{bad.channel_of.shape[0]}")
+
+
+def _blockwise_route(gm: fx.GraphModule, ctx: PassContext, todo: list[SmoothingSite],
+                     table_key: dict) -> dict[fx.Node, int] | str:
+    """``node -> block index`` when the statistics are best taken in one block-engine sweep,
+    else why not (the whole-graph sweep, or statistics already at hand, is used then)."""
+    from compiler.blockwise import partition_blocks
+    from compiler.errors import PreconditionError
+    from compiler.stats import ActivationStats
+
+    if ctx.analyses.peek(ActivationStats, gm, **table_key) is not None:
+        return "already at hand (handed over by an earlier pass)"
+    if ctx.extra.get("stats_cache_dir"):
+        return "one whole-graph sweep (stats_cache_dir given: cached on disk)"
+    try:
+        part = partition_blocks(gm)
+    except PreconditionError as e:
+        return f"one whole-graph sweep (no block split: {e})"
+    block_of = {n: b.index for b in part.blocks for n in b.nodes}
+    block_of.setdefault(part.blocks[0].input, 0)
+    from compiler.stats import site_map
+
+    smap = site_map(gm)
+    outside = sorted(s for s in table_key["sites"] if smap[s] not in block_of)
+    if outside:
+        return f"one whole-graph sweep ({outside[0]} is read outside every block)"
+    for s in todo:
+        members = [s.x, s.producer, *s.consumers]
+        if len({block_of.get(n) for n in members}) != 1:
+            return f"one whole-graph sweep ({s.site} spans two blocks)"
+    return block_of
 
 
 def smoothed_stats(table, plans: list[tuple[SmoothingSite, torch.Tensor]]):

@@ -192,3 +192,29 @@ def test_run_from_a_known_value_runs_only_what_lies_between(probe_ids):
     assert not runner.run_from(block, 0, {gate.args[0]: torch.zeros_like(x)}, down).any()
     with pytest.raises(PassError, match="is not a node of block 0"):
         runner.run_from(block, 0, {}, runner.partition.blocks[1].linears()[0])
+
+
+def test_epilogue_runs_only_up_to_its_last_observed_node(probe_ids, monkeypatch):
+    # the LM head nobody observes does not run (a fifth of a Llama's forward)
+    gm = _graph("llama")
+    evaluated = []
+    ev = BlockRunner._eval
+    monkeypatch.setattr(BlockRunner, "_eval", lambda self, nodes, *a, **k: (
+        evaluated.extend(nodes := list(nodes)), ev(self, nodes, *a, **k))[1])
+    head = partition_blocks(gm).blocks[-1].linears()[-1]
+    norm = head.args[0]
+    seen = []
+
+    class NormOnly(BlockVisitor):
+        def observed(self, block):
+            return [norm] if block.epilogue else [block.input]
+
+        def observe(self, block, node, value, batch):
+            if node is norm:
+                seen.append(value)
+
+    for propagate in ("original", "transformed"):
+        evaluated.clear(), seen.clear()
+        run_blockwise(gm, [probe_ids], NormOnly(), propagate=propagate)
+        assert norm in evaluated and head.name not in {n.name for n in evaluated}
+        assert torch.equal(seen[0], _node_values(gm, probe_ids)[norm.name])

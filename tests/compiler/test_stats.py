@@ -318,3 +318,48 @@ def test_instrumented_copy_runs_only_what_the_observers_read():
     table = collect_stats(gm, [ids], sites=[s for s in sites if s.startswith("lm_head")])
     out = hook_reference(model, [ids], ["lm_head"], output=True)["lm_head"]
     assert_matches(table["lm_head:out"], out, xtx=False)
+
+
+def test_block_stats_equal_a_whole_graph_sweep_and_apply_factors():
+    # BlockStats inside the block engine measures what collect_stats measures (histograms
+    # bit for bit without factors); with factors, the statistics of the scaled values
+    from compiler.blockwise import BlockVisitor, run_blockwise
+    from compiler.stats import BlockStats
+
+    gm = canonicalize(tiny_graph("llama"))
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randint(0, 256, (2, 16), generator=g) for _ in range(2)]
+    sites = linear_input_sites(gm)
+    site = "model.layers.1.mlp.down_proj:in"
+    f = torch.linspace(0.5, 2.0, 128, dtype=torch.float64)
+    bs = BlockStats(gm, sites, histogram=True)
+
+    class V(BlockVisitor):
+        def __init__(self, bs, f):
+            self.bs, self.f = bs, f
+
+        def observed(self, block):
+            return self.bs.observed(block)
+
+        def observe(self, block, node, value, batch):
+            self.bs.observe(node, value)
+
+        def transform(self, block, runner):
+            t = self.bs.measured(block)
+            self.bs.finish(block, {t.tensor_of(site): self.f} if site in t else {})
+
+    runner = run_blockwise(gm, calib, V(bs, f), propagate="original")
+    assert bs.unreachable(runner.partition.blocks) == []
+    table = bs.table()
+    fresh = collect_stats(gm, calib, histogram=sites)
+    assert table.sites() == fresh.sites() == sites
+    for s in sites:
+        a, b = table[s], fresh[s]
+        if table.tensor_of(s) == table.tensor_of(site):
+            torch.testing.assert_close(a.absmax, b.absmax * f, rtol=1e-6, atol=0)
+            assert a.hist.sum() == b.hist.sum() and not torch.equal(a.hist, b.hist)
+        else:
+            assert torch.equal(a.absmax, b.absmax) and torch.equal(a.hist, b.hist), s
+            torch.testing.assert_close(a.sqsum, b.sqsum, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="positive"):
+        run_blockwise(gm, calib, V(BlockStats(gm, sites), -torch.ones(128)), propagate="original")
