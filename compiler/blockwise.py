@@ -147,6 +147,14 @@ def _residual_sources(gm: fx.GraphModule) -> tuple[set[str], set[str]]:
     return sources, on_stream
 
 
+def _adds_two_streams(n: fx.Node, stream: set[fx.Node]) -> bool:
+    """``n`` is a residual add: the sum of two stream values. After SliceGPT a block's residual
+    reaches the next block through a shortcut linear (a change of basis), which splits the
+    embedding's channel group; its adds still are the residual stream."""
+    return (ir.is_op(n, torch.ops.aten.add.Tensor) and len(n.args) >= 2
+            and all(isinstance(a, fx.Node) and a in stream for a in n.args[:2]))
+
+
 def partition_blocks(gm: fx.GraphModule, unit: str = "block") -> BlockPartition:
     """Split ``gm`` at the residual stream between blocks (see the module docstring). Pure.
 
@@ -184,7 +192,8 @@ def partition_blocks(gm: fx.GraphModule, unit: str = "block") -> BlockPartition:
             normed.add(n)
         live.add(n)
         live = {v for v in live if last_use[v] > pos[n]}
-        if len(live) == 1 and n in live and n.name in on_stream and n not in normed:
+        if len(live) == 1 and n in live and n not in normed and (
+                n.name in on_stream or _adds_two_streams(n, stream)):
             cuts.append(n)
     if not cuts:
         raise PreconditionError("blockwise: the residual stream has no point where it is the only "

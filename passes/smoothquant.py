@@ -670,6 +670,11 @@ def _blockwise_route(gm: fx.GraphModule, ctx: PassContext, todo: list[SmoothingS
         part = partition_blocks(gm)
     except PreconditionError as e:
         return f"one whole-graph sweep (no block split: {e})"
+    crowded = next((b for b in part.blocks if sum(ir.is_op(n, ir.SDPA) for n in b.nodes) > 1),
+                   None)
+    if crowded is not None:  # the split missed a cut: one block would hold several layers
+        return (f"one whole-graph sweep (the block split puts several attention layers in "
+                f"{crowded.name()})")
     block_of = {n: b.index for b in part.blocks for n in b.nodes}
     block_of.setdefault(part.blocks[0].input, 0)
     from compiler.stats import site_map

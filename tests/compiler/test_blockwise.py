@@ -218,3 +218,26 @@ def test_epilogue_runs_only_up_to_its_last_observed_node(probe_ids, monkeypatch)
         run_blockwise(gm, [probe_ids], NormOnly(), propagate=propagate)
         assert norm in evaluated and head.name not in {n.name for n in evaluated}
         assert torch.equal(seen[0], _node_values(gm, probe_ids)[norm.name])
+
+
+@pytest.mark.parametrize("family", CORE_FAMILIES)
+def test_a_sliced_graph_still_splits_into_one_block_per_layer(family, probe_ids):
+    # SliceGPT's shortcut linears change the residual's basis between blocks (new channel
+    # groups); the residual adds still mark the cuts, and blocks still compute the graph exactly
+    from compiler.pass_base import PassContext
+    from compiler.pass_manager import PassManager
+    from compiler.report import Report
+    from passes import make_pass
+
+    gm = _graph(family)
+    ctx = PassContext(calibration=[probe_ids], probe_inputs=probe_ids)
+    ctx.properties.add("canonical")
+    PassManager([make_pass("slicegpt(sparsity=0.25)")]).run(gm, ctx, Report(model="t"))
+    part = partition_blocks(gm)
+    assert len(part.decoder_blocks) == LAYERS
+    assert [sum(ir.is_op(n, ir.SDPA) for n in b.nodes) for b in part.decoder_blocks] == [1] * LAYERS
+    rec = _Recorder()
+    run_blockwise(gm, [probe_ids], rec)
+    ref = _node_values(gm, probe_ids)
+    for b in part.decoder_blocks:
+        assert torch.equal(rec.seen[b.output.name][0], ref[b.output.name])
