@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
         "traced_and_checked_s": round(compiled - sum(r.seconds for r in cm.report.records), 1),
         "peak_rss_mb": round(max(peak_mb(), *(v for v in phase_peaks.values() if v))),
         "phase_peak_rss_mb": {k: v and round(v) for k, v in phase_peaks.items()},
+        # where the time outside the passes goes: tracing, shape propagations, report data
+        "extra": {k: cm.report.extra.get(k) for k in (
+            "trace_seconds", "shape_propagation", "report_capture_seconds", "analysis_cache")},
     }
     print(cm.report.table())
     print(f"| step | seconds | calibration sweeps |\n|---|---:|---:|")
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| trace, canonicalize, checks | {result['traced_and_checked_s']} | - |")
     print(f"| export_onnx | {export:.1f} | - |")
     print(f"| **total / forward** | {total:.1f} | **{result['ratio']}x** |")
+    print("outside the passes:", json.dumps(result["extra"]))
     print(f"peak RSS {result['peak_rss_mb']} MB; per phase (MB): "
           + ", ".join(f"{k} {v}" for k, v in result["phase_peak_rss_mb"].items()))
     if args.out:

@@ -86,6 +86,12 @@ class Pass:
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
 
+    def wants_histograms(self) -> bool:
+        """True if the pass will ask for activation histograms (``ActivationStats`` with
+        ``histogram=``). A pass before it that measures on the way (SmoothQuant's block sweep)
+        then takes them for it; see :attr:`PassContext.upcoming`."""
+        return False
+
     def check_not_quantized(self, gm: fx.GraphModule, ctx: PassContext | None, advice: str) -> None:
         """Raise PreconditionError if a pass that forbids ``quantized`` meets Q/DQ nodes.
 
@@ -235,6 +241,8 @@ class PassContext:
         seed: seed for any randomness a pass needs.
         progress: whether long work shows progress bars.
         history: names of the passes run so far (for error messages).
+        upcoming: the passes after the one running, set by the pass manager (None when a pass
+            runs on its own), so a pass can measure what they will ask for in its own sweep.
     """
 
     calibration: list[torch.Tensor] | None = None
@@ -245,6 +253,7 @@ class PassContext:
     progress: bool = False
     history: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    upcoming: tuple[Pass, ...] | None = None
 
     def analysis(self, analysis: type[Analysis], gm: fx.GraphModule, **key) -> Any:
         return self.analyses.get(analysis, gm, self, **key)

@@ -239,6 +239,8 @@ class PassManager:
                 inst.before_pass(p, gm, ctx, record)
             t0 = time.perf_counter()
             sweeps0 = calibration_sweeps(ctx)
+            ctx.upcoming = tuple(q for j, q in enumerate(self.passes[i:], i + 1)
+                                 if not _is_skipped(q, j, self.skip))
             try:
                 result = p.run(gm, ctx)
             except FxCompressError as e:
@@ -248,6 +250,8 @@ class PassManager:
                     f"pass {i} {p!r} crashed: {type(e).__name__}: {e}; passes before it: "
                     f"{_hist(ctx.history)}"
                 ) from e
+            finally:
+                ctx.upcoming = None
             record.seconds = time.perf_counter() - t0
             record.sweeps = calibration_sweeps(ctx) - sweeps0
             if not isinstance(result, PassResult):

@@ -101,6 +101,14 @@ def hist_bin_edges() -> torch.Tensor:
                                      dtype=torch.float64))
 
 
+def log2_histogram(x: torch.Tensor) -> torch.Tensor:
+    """``[HIST_BINS]`` float64 counts of ``log2 |x|`` over every element of ``x``, in the fixed
+    bins of :func:`hist_bin_edges` (zeros and values below ``2**HIST_LOG2_MIN`` fall in the
+    first bin), so histograms of different batches add up exactly."""
+    lg = torch.log2(x.detach().abs().float().clamp(min=2.0 ** HIST_LOG2_MIN))
+    return torch.histc(lg, HIST_BINS, HIST_LOG2_MIN, HIST_LOG2_MAX).to(torch.float64)
+
+
 class UnknownSiteError(FxCompressError, KeyError):
     """A site name that the graph does not have (names the site and the nearest existing ones)."""
 
@@ -374,9 +382,7 @@ class _Accumulator:
             if x64 is not None:
                 self.xtx.addmm_(x64.T, x64)
         if self.hist is not None:
-            # fixed log2 bins; zeros and values below 2**HIST_LOG2_MIN fall in the first bin
-            lg = torch.log2(x.detach().abs().float().clamp(min=2.0 ** HIST_LOG2_MIN))
-            self.hist += torch.histc(lg, HIST_BINS, HIST_LOG2_MIN, HIST_LOG2_MAX).to(torch.float64)
+            self.hist += log2_histogram(x)
         if self.want_sqsum:
             sq = x.detach().to(torch.float64).square().sum(0)
             self.sqsum = sq if self.sqsum is None else self.sqsum.add_(sq)
@@ -586,13 +592,15 @@ class BlockStats:
         self._assigned.update(out)
         for n in out:
             self._first[n] = _Accumulator(n.name, covariance=False, sqsum=self._sqsum)
-            self._values[n] = []
+            if self.histogram:
+                self._values[n] = []
         return out
 
     def observe(self, node: fx.Node, value: torch.Tensor) -> None:
         """One batch's value of an observed tensor."""
         self._first[node].update(value)
-        self._values[node].append(value.detach())
+        if self.histogram:
+            self._values[node].append(value.detach())
 
     def measured(self, block) -> StatsTable:
         """The extrema (and square sums) of the tensors observed in ``block``, as computed."""
@@ -606,21 +614,35 @@ class BlockStats:
 
     def finish(self, block, factors: Mapping[str, torch.Tensor] | None = None) -> None:
         """Final statistics of ``block``'s tensors, each multiplied channel-wise by
-        ``factors[tensor name]`` (``[C]``, positive) where given; frees the stored values."""
+        ``factors[tensor name]`` (``[C]``, positive) where given; frees the stored values.
+
+        Extrema follow the factors exactly (float32 rounding is monotone, so the extremum of
+        the float32 products is the float32 product of the extremum); histograms and square
+        sums are taken on the scaled values (squares in float32, summed in float64)."""
         factors = dict(factors or {})
         for n in self._of(block):
-            acc = _Accumulator(n.name, covariance=False, histogram=self.histogram,
-                               sqsum=self._sqsum or self.histogram)
+            first = self._first.pop(n).result()
             f = factors.pop(n.name, None)
+            lo, hi = first.min, first.max
             if f is not None:
                 f = f.to(torch.float32)
-                if f.shape != (self._first[n].absmax.numel(),) or not bool((f > 0).all()):
+                if f.shape != (first.channels,) or not bool((f > 0).all()):
                     raise ValueError(f"BlockStats.finish: tensor {n.name}: factors must be "
-                                     f"{self._first[n].absmax.numel()} positive numbers")
-            for v in self._values.pop(n):
-                acc.update(v if f is None else v * f)
-            self._final[n.name] = acc.result()
-            del self._first[n]
+                                     f"{first.channels} positive numbers")
+                lo, hi = (lo.float() * f).double(), (hi.float() * f).double()
+            hist = sq = None
+            if self.histogram:
+                hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+                sq = torch.zeros(first.channels, dtype=torch.float64)
+                for v in self._values.pop(n):
+                    x = v.reshape(-1, first.channels)
+                    x = x if f is None else x * f
+                    hist += log2_histogram(x)
+                    sq += x.square().sum(0, dtype=torch.float64)
+            elif first.sqsum is not None:
+                sq = first.sqsum if f is None else first.sqsum * f.double().square()
+            self._final[n.name] = ChannelStats(torch.maximum(lo.abs(), hi.abs()), lo, hi,
+                                               first.count, None, hist, sq)
         if factors:
             raise ValueError(f"BlockStats.finish: factors for tensors not in {block.name()}: "
                              f"{sorted(factors)}")

@@ -303,6 +303,12 @@ class InsertQDQ(Pass):
         tables = {"sensitivity": ranking} if ranking else {}
         return PassResult(gm, True, frozenset(), stats, notes, tables)
 
+    def wants_histograms(self) -> bool:
+        """Static activation scales from mse / percentile ranges or a noise ranking."""
+        act = self._spec.activation
+        return (act is not None and act.mode == "static"
+                and (self.act_range != "max" or self.keep_sensitive > 0))
+
     def _activation_scales(self, gm, ctx: PassContext, todo
                            ) -> tuple[dict[str, float], list[str], list[dict]]:
         """Static scales per ``:in`` site, the notes, and the sensitivity ranking.

@@ -24,16 +24,19 @@ Scales (per producer channel, over every consumer column holding it):
 :class:`compiler.stats.ActivationStats` at the consumers' ``:in`` site and ``max|W_:,j|`` over
 all consuming linears. Channels whose activation or weight is all zero keep ``s = 1``.
 
-Statistics: one block-by-block sweep (:mod:`compiler.blockwise`, ``propagate="original"``:
-smoothing is exact, so the unsmoothed blocks' outputs feed the next block). Per block: the
+Statistics: when a later pass wants activation histograms (``Pass.wants_histograms``: e.g.
+``insert_qdq``'s mse ranges; a pass run on its own assumes one may), one block-by-block sweep
+(:mod:`compiler.blockwise`, ``propagate="original"``: smoothing is exact, so the unsmoothed
+blocks' outputs feed the next block). Per block: the
 extrema of every linear input, then the block's sites decided and folded (later sites first),
 then the statistics of the smoothed inputs, log2 histograms included, taken from the block's
 stored inputs times ``1/s`` (:class:`compiler.stats.BlockStats`) and handed to the passes after,
 so ``insert_qdq``'s mse / percentile ranges need no sweep of their own. The scales are those of
 the whole-graph route bit for bit. That route (one :class:`compiler.stats.ActivationStats`
 sweep, whose extrema follow the scales exactly but whose histograms do not) is taken when the
-statistics are already at hand, when ``stats_cache_dir`` asks for the disk cache, when the
-graph has no block split, or when a site spans two blocks; the pass notes say which.
+statistics are already at hand, when no later pass wants histograms, when ``stats_cache_dir``
+asks for the disk cache, when the graph has no block split (or a block would hold several
+attention layers), or when a site spans two blocks; the pass notes say which.
 
 Sites rewritten: every tensor read only by linears (the LM head excepted: it stays float by
 default, so smoothing it buys nothing) whose producer is foldable as above. Skipped, with a note:
@@ -664,6 +667,8 @@ def _blockwise_route(gm: fx.GraphModule, ctx: PassContext, todo: list[SmoothingS
 
     if ctx.analyses.peek(ActivationStats, gm, **table_key) is not None:
         return "already at hand (handed over by an earlier pass)"
+    if ctx.upcoming is not None and not any(p.wants_histograms() for p in ctx.upcoming):
+        return "one whole-graph sweep (no later pass needs activation histograms)"
     if ctx.extra.get("stats_cache_dir"):
         return "one whole-graph sweep (stats_cache_dir given: cached on disk)"
     try:

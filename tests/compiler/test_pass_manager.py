@@ -483,3 +483,23 @@ def test_smollm2_every_exact_pass_verifies_by_default_and_a_one_channel_error_is
     ctx.properties.add("canonical")
     with pytest.raises(VerificationError, match="scale_one_channel.*declared exact.*in float64"):
         PassManager([ScaleOneChannel()], verify=False).run(copy.deepcopy(cm.graph_module), ctx)
+
+
+def test_a_pass_sees_the_passes_after_it_and_none_once_the_run_is_over(probe_ids):
+    # ctx.upcoming lets a pass measure in its own sweep what the later passes will ask for
+    seen = []
+
+    class Look(Pass):
+        name = "look"
+        requires = frozenset({"canonical"})
+
+        def run(self, gm, ctx):
+            seen.append(tuple(p.name for p in ctx.upcoming))
+            return PassResult.unchanged(gm)
+
+    gm = tiny_graph("llama")
+    ctx = _ctx(probe_ids)
+    passes = [Canonicalize(), Look(), ScaleFirstLinear(factor=1.0), Look()]
+    PassManager(passes, skip={3}).run(gm, ctx)
+    assert seen == [("look",), ()]  # the skipped pass 3 is not coming
+    assert ctx.upcoming is None
