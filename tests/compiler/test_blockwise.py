@@ -241,3 +241,22 @@ def test_a_sliced_graph_still_splits_into_one_block_per_layer(family, probe_ids)
     ref = _node_values(gm, probe_ids)
     for b in part.decoder_blocks:
         assert torch.equal(rec.seen[b.output.name][0], ref[b.output.name])
+
+
+def test_a_block_run_holds_only_its_live_values(probe_ids):
+    # with keep, each computed value leaves the environment after its last reader, as in an fx
+    # Interpreter: the block's output stays, every intermediate is gone, the result is the same
+    gm = _graph("llama")
+    runner = BlockRunner(gm, partition_blocks(gm))
+    runner.start([probe_ids])
+    block = runner.partition.blocks[0]
+    env = dict(runner.sides[0])
+    env[block.input] = runner.input_value(0)
+    given = set(env)
+    runner._eval(block.nodes, env, keep=[block.output])
+    assert set(env) - given == {block.output}
+    assert torch.equal(env[block.output], runner.run(block, 0))
+    full = dict(runner.sides[0])
+    full[block.input] = runner.input_value(0)
+    runner._eval(block.nodes, full)  # without keep: every value stays (start() reads them)
+    assert set(block.nodes) <= set(full)
