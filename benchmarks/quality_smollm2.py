@@ -29,6 +29,8 @@ Pipelines (pass objects, each with its defaults unless the name says otherwise):
 Run: ``python benchmarks/quality_smollm2.py [--only NAME ...] [--out results.jsonl]``; every
 finished variant is appended to ``--out`` as one JSON line (name, perplexity, change vs fp32,
 seconds, each pass's stats), and ``--table`` prints the markdown table of a results file.
+``--pass-manager`` runs each pipeline through one pass manager, as ``compile()`` does (statistics
+handed from pass to pass), instead of each pass on its own with disk-cached statistics.
 """
 
 from __future__ import annotations
@@ -112,10 +114,23 @@ def pipelines() -> dict[str, list]:
     return out
 
 
-def run_pipeline(gm, passes, calib, cache: Path | None):
-    """Run ``passes`` on a copy of ``gm``; returns the graph and each pass's stats."""
+def run_pipeline(gm, passes, calib, cache: Path | None, pass_manager: bool = False):
+    """Run ``passes`` on a copy of ``gm``; returns the graph and each pass's stats. Each pass
+    gets a context of its own (statistics from the disk cache ``cache``), or, with
+    ``pass_manager``, all run through one :class:`PassManager` and context as ``compile()``
+    runs them (statistics handed from pass to pass, no disk cache)."""
     gm = copy.deepcopy(gm)
     stats = []
+    if pass_manager:
+        from compiler.pass_manager import PassManager
+        from compiler.report import Report
+
+        ctx = PassContext(calibration=calib, probe_inputs=calib[0][:1])
+        ctx.properties.add("canonical")
+        report = PassManager(passes).run(gm, ctx, Report(model="SmolLM2-135M"))
+        return gm, [{"pass": r.name, "seconds": round(r.seconds, 1), "sweeps": r.sweeps,
+                     "stats": {k: v for k, v in r.stats.items() if isinstance(v, (int, float, str))},
+                     "notes": r.notes[:12]} for r in report.records]
     for p in passes:
         ctx = PassContext(calibration=calib,
                           extra={"stats_cache_dir": str(cache)} if cache else {})
@@ -145,6 +160,8 @@ def main(argv=None) -> int:
     ap.add_argument("--table", type=Path, default=None, help="print the table of a results file")
     ap.add_argument("--stats-cache", type=Path,
                     default=Path.home() / ".cache" / "fxcompress" / "stats")
+    ap.add_argument("--pass-manager", action="store_true",
+                    help="run each pipeline through one PassManager, as compile() does")
     args = ap.parse_args(argv)
     if args.table:
         rows = [json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]
@@ -164,7 +181,8 @@ def main(argv=None) -> int:
     ref = FP32_REFERENCE if args.windows == 64 else None
     for name in names:
         t0 = time.perf_counter()
-        gm, stats = run_pipeline(base, pipelines()[name], calib, args.stats_cache)
+        gm, stats = run_pipeline(base, pipelines()[name], calib, args.stats_cache,
+                                 args.pass_manager)
         ppl = perplexity(gm, windows, progress=False).ppl
         if name == "fp32":
             ref = ppl
