@@ -43,9 +43,10 @@ What the engine does (:func:`run_blockwise`), for a :class:`BlockVisitor` suppli
 Memory: the block inputs and outputs of the calibration set for one block (optionally stored in
 a compact dtype), plus the side values; never the whole model's activations. A block run drops
 each intermediate after its last reader, and the allocator's free memory goes back to the OS
-after every block (:func:`compiler.memory.release_free_memory`): on the 134M pipeline of
-``benchmarks/bench_compile_time.py`` the compile phase's peak went from 2.57-2.67 to 2.40-2.42
-GB, for about 1 s of 72 (the trims, and pages faulted in again). Progress: one tqdm
+every :data:`TRIM_EVERY` units (:func:`compiler.memory.release_free_memory`): on the 134M
+pipeline of ``benchmarks/bench_compile_time.py`` the compile phase's peak went from 2.57-2.67
+to 2.41-2.42 GB at no time cost the VM's noise shows (trimming after every unit cost about
+1.5 s of 72: pages faulted in again). Progress: one tqdm
 bar over blocks when ``progress`` is set (as :mod:`compiler.stats` does over batches).
 
 The caller's graph is not modified by the engine; parameter overrides are kept in
@@ -77,6 +78,10 @@ log = logging.getLogger(__name__)
 SWEEPS: Counter[str] = Counter()
 
 PROPAGATE = ("transformed", "original")
+#: the allocator's free memory goes back to the OS after every this many units: often enough
+#: that fragmentation cannot pile up over a sweep, rarely enough that the pages faulted in
+#: again after a trim stay a small cost
+TRIM_EVERY = 4
 
 
 # ----------------------------------------------------------------------------- partition
@@ -533,7 +538,8 @@ def run_blockwise(
         if propagate == "transformed":
             outs = [runner._store(runner.run(block, i)) for i in range(len(batches))]
         runner.inputs = outs
-        release_free_memory()  # the block's intermediates, before the next block allocates
+        if block.index % TRIM_EVERY == TRIM_EVERY - 1:
+            release_free_memory()  # the blocks' freed intermediates go back to the OS
         log.debug("blockwise: %s done", block.name())
     return runner
 
