@@ -216,3 +216,21 @@ def test_block_engine_passes_count_one_sweep_each():
     _, rep = _run(gm, ["slicegpt(sparsity=0.25)", "gptq(bits=4, group_size=-1)"], calib)
     assert [r.sweeps for r in rep.records] == [1, 1]
     assert rep.table().splitlines()[2].split()[4] == "1"  # the sweeps column
+
+
+def test_the_default_recipe_after_slicegpt_calibrates_smoothquant_block_by_block():
+    # slicegpt -> smoothquant -> insert_qdq(mse), the compile-time benchmark's pipeline: the
+    # sliced graph splits into one block per layer, SmoothQuant gives the gain-free norms their
+    # gains inside its sweep, and insert_qdq takes the handed histograms (no sweep of its own)
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    _, rep = _run(gm, ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)",
+                       "insert_qdq(scheme='w8a8')"], calib)
+    assert [r.sweeps for r in rep.records] == [1, 1, 0]
+    assert rep.records[1].stats["folded_into_norms"] > 0
+    assert any("block-by-block" in n for n in rep.records[1].notes), rep.records[1].notes
+    ref = canonicalize(tiny_graph("llama"))
+    _run(ref, ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)"], calib)
+    _run(ref, ["insert_qdq(scheme='w8a8')"], calib)  # its own context: measures
+    assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=BIN) \
+        and _static_scales(gm)
