@@ -144,18 +144,24 @@ W4_ORT = ("rtn_g32", "rtn_g64", "gptq_g32", "gptq_g64", "gptq_act_order_g32", "a
           "awq_g64")
 
 
+def run_with_pass_manager(gm, passes, calib):
+    """Run ``passes`` on the canonical ``gm`` (in place) through one :class:`PassManager` and
+    context, as ``compile()`` does; returns the report."""
+    from compiler.pass_manager import PassManager
+    from compiler.report import Report
+
+    ctx = PassContext(calibration=calib, probe_inputs=calib[0][:1])
+    ctx.properties.add("canonical")
+    return PassManager(passes).run(gm, ctx, Report())
+
+
 def run_pipeline(gm, passes, calib, pass_manager: bool = False) -> torch.fx.GraphModule:
     """Run ``passes`` on a copy of ``gm``: each pass with a context of its own (every pass
     measures its statistics), or, with ``pass_manager``, through one :class:`PassManager` and
     context as ``compile()`` does (statistics handed from pass to pass, exact passes checked)."""
     gm = copy.deepcopy(gm)
     if pass_manager:
-        from compiler.pass_manager import PassManager
-        from compiler.report import Report
-
-        ctx = PassContext(calibration=calib, probe_inputs=calib[0][:1])
-        ctx.properties.add("canonical")
-        PassManager(passes).run(gm, ctx, Report(model="stories260K"))
+        run_with_pass_manager(gm, passes, calib)
         return gm
     for p in passes:
         ctx = PassContext(calibration=calib)

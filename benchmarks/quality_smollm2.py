@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compiler.data import calibration_batches, data_dir, evaluation_windows
 from compiler.evaluate import perplexity
@@ -122,12 +123,9 @@ def run_pipeline(gm, passes, calib, cache: Path | None, pass_manager: bool = Fal
     gm = copy.deepcopy(gm)
     stats = []
     if pass_manager:
-        from compiler.pass_manager import PassManager
-        from compiler.report import Report
+        from quality_quant import run_with_pass_manager
 
-        ctx = PassContext(calibration=calib, probe_inputs=calib[0][:1])
-        ctx.properties.add("canonical")
-        report = PassManager(passes).run(gm, ctx, Report(model="SmolLM2-135M"))
+        report = run_with_pass_manager(gm, passes, calib)
         return gm, [{"pass": r.name, "seconds": round(r.seconds, 1), "sweeps": r.sweeps,
                      "stats": {k: v for k, v in r.stats.items() if isinstance(v, (int, float, str))},
                      "notes": r.notes[:12]} for r in report.records]

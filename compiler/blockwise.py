@@ -68,9 +68,9 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.memory import release_free_memory
 from compiler.depgraph import build_channel_groups
 from compiler.errors import DataError, PassError, PreconditionError
+from compiler.memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,6 @@ class BlockRunner:
         nodes = block.nodes
         if until is not None:
             nodes = nodes[: nodes.index(until) + 1] if until in nodes else []
-        if until is not None:
             keep = [until]
         elif block.epilogue:
             keep = _output_nodes(self.partition.output_arg)

@@ -57,9 +57,9 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.memory import release_free_memory
 from compiler.errors import FxCompressError, PipelineError, PreconditionError, VerificationError
 from compiler.inspection import block_params
+from compiler.memory import release_free_memory
 from compiler.pass_base import Pass, PassContext, PassResult
 from compiler.registry import registered
 from compiler.report import PassRecord, Report

@@ -74,8 +74,8 @@ import torch
 from torch import fx
 
 from compiler import ir
-from compiler.memory import release_free_memory
 from compiler.errors import DataError, FxCompressError
+from compiler.memory import release_free_memory
 from compiler.pass_base import Analysis, PassContext
 
 log = logging.getLogger(__name__)

@@ -615,38 +615,47 @@ class SmoothQuant(Pass):
 
         collector = BlockStats(gm, table_key["sites"], histogram=True,
                                sqsum=self.alpha == "auto")
-        by_block: dict[int, list[SmoothingSite]] = {}
-        for s in todo:
-            by_block.setdefault(block_of[s.x], []).append(s)
-        plans: list[tuple[SmoothingSite, torch.Tensor]] = []
-        pass_ = self
-
-        class Sweep(BlockVisitor):
-            def observed(self, block):
-                return collector.observed(block)
-
-            def observe(self, block, node, value, batch):
-                collector.observe(node, value)
-
-            def transform(self, block, runner):
-                table = collector.measured(block)
-                _check_widths(table, by_block.get(block.index, []))
-                factors = {}
-                for s in reversed(by_block.get(block.index, [])):
-                    plan = pass_._smooth(gm, s, table, searched, chosen, notes)
-                    if plan is not None:
-                        plans.append(plan)
-                        factors[table.tensor_of(s.site)] = 1.0 / plan[1][s.channel_of]
-                collector.finish(block, factors)
-
-        run_blockwise(gm, ctx.require_calibration("smoothquant"), Sweep(), propagate="original",
-                      progress=ctx.progress,
-                      desc="smoothquant")
-        stale = set().union(*(_between(s.producer, s.x) for s, _ in plans)) if plans else set()
-        stale = {n.name for n in stale} - {s.x.name for s, _ in plans}
+        sweep = _SmoothingSweep(collector, block_of, todo,
+                                lambda s, table: self._smooth(gm, s, table, searched, chosen,
+                                                              notes))
+        run_blockwise(gm, ctx.require_calibration("smoothquant"), sweep, propagate="original",
+                      progress=ctx.progress, desc="smoothquant")
         notes.append(f"statistics: one block-by-block sweep; histograms of the smoothed linear "
                      f"inputs handed on ({len(collector.site_to_tensor)} sites)")
-        return plans, collector.table().without(stale)
+        return sweep.plans, collector.table().without(_stale_tensors(sweep.plans))
+
+
+class _SmoothingSweep(BlockVisitor):
+    """SmoothQuant's block visitor: per block, ``smooth`` decides and folds the block's sites
+    (later sites first) on the block's measured statistics, then ``collector`` takes the
+    statistics of the smoothed inputs (:class:`compiler.stats.BlockStats`)."""
+
+    def __init__(self, collector, block_of: dict[fx.Node, int], todo: list[SmoothingSite],
+                 smooth) -> None:
+        self.collector = collector
+        self.smooth = smooth
+        self.by_block: dict[int, list[SmoothingSite]] = {}
+        for s in todo:
+            self.by_block.setdefault(block_of[s.x], []).append(s)
+        self.plans: list[tuple[SmoothingSite, torch.Tensor]] = []
+
+    def observed(self, block):
+        return self.collector.observed(block)
+
+    def observe(self, block, node, value, batch):
+        self.collector.observe(node, value)
+
+    def transform(self, block, runner):
+        table = self.collector.measured(block)
+        sites = self.by_block.get(block.index, [])
+        _check_widths(table, sites)
+        factors = {}
+        for s in reversed(sites):
+            plan = self.smooth(s, table)
+            if plan is not None:
+                self.plans.append(plan)
+                factors[table.tensor_of(s.site)] = 1.0 / plan[1][s.channel_of]
+        self.collector.finish(block, factors)
 
 
 def _check_widths(table, todo: list[SmoothingSite]) -> None:
@@ -663,7 +672,7 @@ def _blockwise_route(gm: fx.GraphModule, ctx: PassContext, todo: list[SmoothingS
     else why not (the whole-graph sweep, or statistics already at hand, is used then)."""
     from compiler.blockwise import partition_blocks
     from compiler.errors import PreconditionError
-    from compiler.stats import ActivationStats
+    from compiler.stats import ActivationStats, BlockStats
 
     if ctx.analyses.peek(ActivationStats, gm, **table_key) is not None:
         return "already at hand (handed over by an earlier pass)"
@@ -680,14 +689,10 @@ def _blockwise_route(gm: fx.GraphModule, ctx: PassContext, todo: list[SmoothingS
     if crowded is not None:  # the split missed a cut: one block would hold several layers
         return (f"one whole-graph sweep (the block split puts several attention layers in "
                 f"{crowded.name()})")
-    block_of = {n: b.index for b in part.blocks for n in b.nodes}
-    block_of.setdefault(part.blocks[0].input, 0)
-    from compiler.stats import site_map
-
-    smap = site_map(gm)
-    outside = sorted(s for s in table_key["sites"] if smap[s] not in block_of)
+    outside = BlockStats(gm, table_key["sites"]).unreachable(part.blocks)
     if outside:
         return f"one whole-graph sweep ({outside[0]} is read outside every block)"
+    block_of = {n: b.index for b in part.blocks for n in b.nodes}
     for s in todo:
         members = [s.x, s.producer, *s.consumers]
         if len({block_of.get(n) for n in members}) != 1:
@@ -703,13 +708,19 @@ def smoothed_stats(table, plans: list[tuple[SmoothingSite, torch.Tensor]]):
     of the table is unchanged except those strictly between a site's producer and its tensor
     (e.g. ``v_proj``'s output when ``v_proj -> o_proj`` is smoothed), which are dropped.
     """
-    factors, stale = {}, set()
-    for s, scale in plans:
-        factors[table.tensor_of(s.site)] = 1.0 / scale.to(torch.float64)[s.channel_of]
-        stale |= {n.name for n in _between(s.producer, s.x)}
-    kept = table.without(stale - set(factors))
+    factors = {table.tensor_of(s.site): 1.0 / scale.to(torch.float64)[s.channel_of]
+               for s, scale in plans}
+    kept = table.without(_stale_tensors(plans))
     left = set(kept.site_to_tensor.values())
     return kept.rescaled({t: f for t, f in factors.items() if t in left})
+
+
+def _stale_tensors(plans: list[tuple[SmoothingSite, torch.Tensor]]) -> set[str]:
+    """Names of the tensors strictly between a smoothed site's producer and its tensor (e.g.
+    ``v_proj``'s output when ``v_proj -> o_proj`` is smoothed): their statistics are not the
+    graph's any more, and no exact transform of them is known."""
+    between = {n.name for s, _ in plans for n in _between(s.producer, s.x)}
+    return between - {s.x.name for s, _ in plans}
 
 
 def _between(src: fx.Node, dst: fx.Node) -> set[fx.Node]:
