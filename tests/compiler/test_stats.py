@@ -360,7 +360,8 @@ def test_block_stats_equal_a_whole_graph_sweep_and_apply_factors():
             assert a.hist.sum() == b.hist.sum() and not torch.equal(a.hist, b.hist)
         else:
             assert torch.equal(a.absmax, b.absmax) and torch.equal(a.hist, b.hist), s
-            # squares in float32 (collect_stats squares in float64), sums in float64
-            torch.testing.assert_close(a.sqsum, b.sqsum, rtol=1e-6, atol=0)
+            # squares in float32 (collect_stats squares in float64), sums in float64:
+            # measured 3.2e-8 relative
+            torch.testing.assert_close(a.sqsum, b.sqsum, rtol=1e-7, atol=0)
     with pytest.raises(ValueError, match="positive"):
         run_blockwise(gm, calib, V(BlockStats(gm, sites), -torch.ones(128)), propagate="original")

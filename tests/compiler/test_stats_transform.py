@@ -102,18 +102,22 @@ def test_rescale_rejects_non_positive_or_misshaped_factors(bad):
         table.rescaled({t: bad.double()})
 
 
-#: one log2 bin of the activation histograms (2**(1/64)): the resolution of the mse ranges
-BIN = 2 ** (1 / 64) - 1
+#: handed-over vs freshly measured activation scales: x / s in float32 against x computed
+#: through the folded weights (measured at most 8.3e-7 relative on these models)
+SCALE_RTOL = 2e-6
+#: histogram L1 distance over the element count (measured at most 0.12%: 0.06% of the
+#: elements moved to a neighbouring bin)
+HIST_MOVED = 2e-3
 
 
 def _assert_close_histograms(derived, fresh):
     # the smoothed values are the measured ones times 1/s in float32; a fresh sweep computes
     # them through the folded weights, so a value within rounding of a bin edge may land in the
-    # neighbouring bin (measured: at most 0.12% of the elements on these models)
+    # neighbouring bin (each moved element counts twice in the L1 distance)
     for s in derived.sites():
         a, b = derived[s], fresh[s]
         assert a.hist is not None and a.hist.sum() == b.hist.sum()
-        assert float((a.hist - b.hist).abs().sum()) <= 5e-3 * float(b.hist.sum()), s
+        assert float((a.hist - b.hist).abs().sum()) <= HIST_MOVED * float(b.hist.sum()), s
         torch.testing.assert_close(a.sqsum, b.sqsum, rtol=RTOL, atol=0)
 
 
@@ -135,7 +139,7 @@ def test_smoothquant_hands_insert_qdq_the_smoothed_statistics_and_no_sweep_is_re
     _assert_equal_stats(derived, fresh, hist=False)
     _assert_close_histograms(derived, fresh)
     # the whole pipeline: one sweep for the two passes; the ranges as with fresh statistics
-    for act_range, rel in (("max", RTOL), ("mse", BIN)):
+    for act_range, rel in (("max", RTOL), ("mse", SCALE_RTOL)):
         gm2 = canonicalize(tiny_graph(family))
         _, rep = _run(gm2, ["smoothquant(alpha=0.5)",
                             f"insert_qdq(scheme='w8a8', act_range='{act_range}')"], calib)
@@ -174,7 +178,7 @@ def test_smoothquant_block_sweep_decides_as_the_whole_graph_sweep(tmp_path):
         for k in pa:
             assert torch.equal(pa[k], pb[k]), k
         assert rep_a.records[0].stats == rep_b.records[0].stats
-        assert _static_scales(a) == pytest.approx(_static_scales(b), rel=BIN)
+        assert _static_scales(a) == pytest.approx(_static_scales(b), rel=SCALE_RTOL)
 
 
 def test_after_slicegpt_the_created_gains_keep_the_handed_over_statistics_valid():
@@ -232,5 +236,5 @@ def test_the_default_recipe_after_slicegpt_calibrates_smoothquant_block_by_block
     ref = canonicalize(tiny_graph("llama"))
     _run(ref, ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)"], calib)
     _run(ref, ["insert_qdq(scheme='w8a8')"], calib)  # its own context: measures
-    assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=BIN) \
+    assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=SCALE_RTOL) \
         and _static_scales(gm)
