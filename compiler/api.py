@@ -461,7 +461,8 @@ def compile(
     report.extra["trace_seconds"] = round(trace_seconds, 3)
     # shape propagations after passes and inside them; skipped: the graph was already propagated
     report.extra["shape_propagation"] = {
-        k: round(SHAPE_PROPAGATION[k] - shapes0.get(k, 0), 3) for k in ("calls", "skipped", "seconds")}
+        k: round(SHAPE_PROPAGATION[k] - shapes0.get(k, 0), 3)
+        for k in ("calls", "skipped", "recomputed", "reused", "seconds")}
     report.extra["analysis_cache"] = {"hits": ctx.analyses.hits, "misses": ctx.analyses.misses}
     if capture is not None:
         report.extra["report_capture_seconds"] = round(capture.seconds, 3)

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -545,15 +546,22 @@ class _Ref:
 class _ShapeStamp:
     """What the last successful propagation saw (``key``) and the ``meta['val']`` it wrote.
 
+    Also what the next propagation of the same graph needs to redo only what changed: the fake
+    tensor mode (its shape environment holds the batch/seq symbols), the fake probe, and per
+    node name its row of the graph key and the value written (see :func:`propagate_shapes`).
+
     A deep copy of the GraphModule shares it: fx copies every node's ``meta`` dict shallowly,
     so the copy's nodes hold the same ``val`` objects, which :func:`_propagated` checks by
     identity. A pickled stamp comes back empty and matches nothing.
     """
 
-    __slots__ = ("key", "vals")
+    __slots__ = ("key", "vals", "mode", "fake_probe", "rows", "by_name")
 
-    def __init__(self, key: tuple | None, vals: tuple = ()):
+    def __init__(self, key: tuple | None, vals: tuple = (), mode=None, fake_probe=None,
+                 rows: dict | None = None, by_name: dict | None = None):
         self.key, self.vals = key, vals
+        self.mode, self.fake_probe = mode, fake_probe
+        self.rows, self.by_name = rows or {}, by_name or {}
 
     def __copy__(self):
         return self
@@ -618,6 +626,54 @@ def _propagated(gm: fx.GraphModule, key: tuple) -> bool:
         n.meta.get("val") is v for n, v in zip(nodes, stamp.vals))
 
 
+def _val_key(v) -> Any:
+    """What a node's ``meta['val']`` says to the nodes reading it: for a tensor its symbolic
+    sizes, strides and storage offset (as text), dtype and device; containers element-wise."""
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(map(str, v.shape)), tuple(map(str, v.stride())),
+                str(v.storage_offset()), v.dtype, v.device)
+    if isinstance(v, (tuple, list)):
+        return tuple(_val_key(x) for x in v)
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return ("sym", str(v))
+    return v if isinstance(v, (int, float, bool, str, type(None))) else ("object", type(v))
+
+
+def _fake_prop_class():
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    class ReusingFakeTensorProp(FakeTensorProp):
+        """Fake-tensor propagation that keeps a node's previous value when its row of the graph
+        key is unchanged and every node it reads is *stable* (its value says the same as
+        before: :func:`_val_key`); every other node is recomputed."""
+
+        def __init__(self, gm, mode, stamp: _ShapeStamp | None, rows: dict):
+            super().__init__(gm, mode)
+            self.old_rows = stamp.rows if stamp is not None else {}
+            self.old_vals = stamp.by_name if stamp is not None else {}
+            self.rows = rows
+            self.stable: set[str] = set()
+            self.recomputed = self.reused = 0
+
+        def run_node(self, n):
+            name = n.name
+            if (n.op not in ("placeholder", "get_attr", "output") and name in self.old_vals
+                    and self.old_rows.get(name) == self.rows[name]
+                    and all(m.name in self.stable for m in n.all_input_nodes)):
+                val = n.meta["val"] = self.old_vals[name]
+                self.stable.add(name)
+                self.reused += 1
+                return val
+            result = super().run_node(n)
+            if n.op not in ("placeholder", "get_attr", "output"):
+                self.recomputed += 1
+            if name in self.old_vals and _val_key(n.meta.get("val")) == _val_key(self.old_vals[name]):
+                self.stable.add(name)
+            return result
+
+    return ReusingFakeTensorProp
+
+
 def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") -> None:
     """Fake-tensor shape propagation with symbolic batch/seq dims; refreshes ``meta['val']``.
 
@@ -628,7 +684,16 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
     ``gm``: the same graph (nodes, targets, arguments), the same shape, stride and dtype of every
     parameter and buffer, the same probe rank, sizes and dtype, and every node still holding the
     ``meta['val']`` that propagation wrote. A pass that rewrites weight values only keeps it
-    valid. :data:`SHAPE_PROPAGATION` counts calls and skips.
+    valid.
+
+    Otherwise incremental when ``gm`` was propagated before with a probe of the same rank, sizes
+    and dtype: in the same fake tensor mode (the same batch/seq symbols), a node keeps the value
+    the last propagation gave it when its op, target and arguments (by node name; a ``get_attr``
+    with the shape, stride and dtype of what it reads) are unchanged and every node it reads
+    says the same as before (sizes, strides, dtype, device); every other node is recomputed.
+    After SliceGPT that is the residual stream and what reads it; after Q/DQ insertion the new
+    nodes. The result equals a full propagation (``tests/compiler/test_shape_cache.py``).
+    :data:`SHAPE_PROPAGATION` counts calls, skips, recomputed and reused nodes and seconds.
 
     Raises:
         VerificationError: the propagation failed (naming the op and ``ctxmsg``).
@@ -636,29 +701,41 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
     from torch._dispatch.python import enable_python_dispatcher
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     SHAPE_PROPAGATION["calls"] += 1
     key = _shape_key(gm, probe)
     if _propagated(gm, key):
         SHAPE_PROPAGATION["skipped"] += 1
         return
-    gm.meta.pop(_STAMP_META, None)
+    stamp = gm.meta.pop(_STAMP_META, None)
+    if not (isinstance(stamp, _ShapeStamp) and stamp.mode is not None
+            and stamp.key is not None and stamp.key[2:] == key[2:]
+            and not any("unbacked_bindings" in n.meta for n in gm.graph.nodes)):
+        stamp = None  # a full propagation in a new mode
+    rows = {row[0]: row for row in key[0]}
     t0 = time.perf_counter()
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    try:
+    if stamp is not None:
+        mode, fake = stamp.mode, stamp.fake_probe
+    else:
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
         fake = mode.from_tensor(
             probe,
             symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC] * probe.dim()),
         )
+    prop = _fake_prop_class()(gm, mode, stamp, rows)
+    try:
         # The python dispatcher lets meta kernels that call composite ops with symbolic sizes
         # (baddbmm expanding an ALiBi bias [b*h, 1, s] to [b*h, s, s]) take the SymInt path, as
         # torch.export does when tracing; without it they fail on "concrete integers".
         with enable_python_dispatcher():
-            FakeTensorProp(gm, mode).propagate(fake)
+            prop.propagate_dont_convert_inputs(fake)
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else ""
         raise VerificationError(f"shape propagation failed{ctxmsg}: {type(e).__name__}: {first}") from e
     finally:
         SHAPE_PROPAGATION["seconds"] += time.perf_counter() - t0
-    gm.meta[_STAMP_META] = _ShapeStamp(key, tuple(n.meta.get("val") for n in gm.graph.nodes))
+        SHAPE_PROPAGATION["recomputed"] += prop.recomputed
+        SHAPE_PROPAGATION["reused"] += prop.reused
+    vals = tuple(n.meta.get("val") for n in gm.graph.nodes)
+    gm.meta[_STAMP_META] = _ShapeStamp(key, vals, mode, fake, rows,
+                                       {n.name: v for n, v in zip(gm.graph.nodes, vals)})

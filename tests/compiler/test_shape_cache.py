@@ -23,13 +23,13 @@ LINEAR = torch.ops.aten.linear.default
 def runs(monkeypatch):
     """Counts the fake-tensor propagations that really run."""
     calls = []
-    original = FakeTensorProp.propagate
+    original = FakeTensorProp.propagate_dont_convert_inputs
 
     def counted(self, *args):
         calls.append(self.module)
         return original(self, *args)
 
-    monkeypatch.setattr(FakeTensorProp, "propagate", counted)
+    monkeypatch.setattr(FakeTensorProp, "propagate_dont_convert_inputs", counted)
     return calls
 
 
@@ -185,3 +185,54 @@ def test_compile_reports_its_shape_propagations(runs):
     counts = cm.report.extra["shape_propagation"]
     assert (counts["calls"], counts["skipped"]) == (2, 1)
     assert len(runs) == 1
+
+
+def _val_keys(gm):
+    from compiler.pass_manager import _val_key
+
+    return [(n.name, _val_key(n.meta.get("val"))) for n in gm.graph.nodes]
+
+
+@pytest.mark.parametrize("model,passes", [
+    ("tiny-llama", ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"]),
+    ("tiny-opt", ["structured_prune(ratio=0.25)", "smoothquant(alpha=0.5)",
+                  "insert_qdq(scheme='w8a8')"]),
+    ("tiny-qwen2", ["structured_prune(ratio=0.25)", "rptq_reorder(clusters=2)", "fuse_linears()",
+                    "insert_qdq(scheme='w8a8')"]),
+])
+def test_incremental_propagation_equals_a_full_one(model, passes):
+    """After passes that resize the stream, prune channels, insert nodes and fuse linears, the
+    values kept from earlier propagations plus the recomputed ones are what one full propagation
+    of the final graph gives."""
+    from compiler.pass_manager import _STAMP_META
+
+    calib = [torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    cm = compiler.compile(model, passes=passes, calibration=calib, report_data=False)
+    counts = cm.report.extra["shape_propagation"]
+    assert counts["reused"] > counts["recomputed"] / 2  # incremental, not full, after pass 1
+    fresh = copy.deepcopy(cm.graph_module)
+    fresh.meta.pop(_STAMP_META)
+    propagate_shapes(fresh, torch.zeros(2, 16, dtype=torch.long))
+    assert _val_keys(fresh) == _val_keys(cm.graph_module)
+
+
+def test_only_the_changed_part_is_recomputed(probe):
+    gm = tiny_graph("llama")
+    verify_graph(gm, probe)
+    logits = ir.nodes_of(gm, LINEAR)[-1]
+    with gm.graph.inserting_after(logits):
+        cut = gm.graph.call_function(torch.ops.aten.slice.Tensor, (logits, -1, 0, 5))
+    logits.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
+    before = dict(SHAPE_PROPAGATION)
+    verify_graph(gm, probe)
+    assert SHAPE_PROPAGATION["recomputed"] - before.get("recomputed", 0) == 1  # the slice
+    assert SHAPE_PROPAGATION["reused"] - before.get("reused", 0) > 50
+    # a narrower first linear: its output and what reads it change, nothing before it
+    first = ir.nodes_of(gm, LINEAR)[0]
+    w = ir.get_param(gm, first.args[1])
+    ir.set_param(gm, first.args[1], w[: w.shape[0] // 2])
+    before = dict(SHAPE_PROPAGATION)
+    with pytest.raises(VerificationError):  # q no longer splits into its heads
+        verify_graph(gm, probe)
+    assert SHAPE_PROPAGATION["reused"] - before.get("reused", 0) > 0
