@@ -1,7 +1,12 @@
 """ONNX Runtime backend: export a compiled GraphModule to ONNX and run it with ONNX Runtime.
 
-Lowering path: the fx GraphModule is re-exported with ``torch.export`` (dynamic batch and
-sequence dims) and handed to ``torch.onnx.export(exported_program, dynamo=True)``. The graph
+Lowering path: the fx GraphModule becomes an ``ExportedProgram`` with dynamic batch and
+sequence dims and is handed to ``torch.onnx.export(exported_program, dynamo=True)``. For a
+compiled ``input_ids -> logits`` graph the program is built from the graph's own shape
+metadata, with only the ops ONNX cannot translate decomposed (:mod:`backends.onnx_direct`: the
+same ONNX graph, 12.5 -> about 5-6 s on a 134M model); otherwise (several inputs, explicit
+dynamic shapes, ``direct=False``) the graph is re-exported with ``torch.export`` and the
+exporter decomposes the whole of it. The graph
 input is named ``input_ids`` and the output ``logits``; their dynamic axes are named ``batch``
 and ``seq``. PT2E Q/DQ ops (``torch.ops.quantized_decomposed.*``) lower through the exporter's
 own translations to ONNX ``QuantizeLinear``/``DequantizeLinear``, which ONNX Runtime fuses into
@@ -75,6 +80,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     dynamic_shapes: Sequence[Mapping[int, Any]] | None = None,
     axis_names: Mapping[str, Mapping[int, str]] | None = None,
+    direct: bool = True,
 ) -> Path:
     """Export a GraphModule (``input_ids -> logits``) to an ONNX file, atomically.
 
@@ -104,6 +110,10 @@ def export_onnx(
             dims 0 and 1 of every input dynamic).
         axis_names: ``{input or output name: {dim: axis name}}`` for the ONNX graph's
             symbolic dims (default: ``batch`` and ``seq`` for dims 0 and 1 of the inputs).
+        direct: translate a shape-propagated graph without tracing it again where that applies
+            (:mod:`backends.onnx_direct`: one ``input_ids`` input, default dynamic shapes); the
+            same ONNX graph, several seconds sooner on a 134M model. False: always re-export
+            with ``torch.export`` and let ``torch.onnx.export`` decompose the whole graph.
 
     Returns:
         The path of the written ONNX graph file.
@@ -126,7 +136,7 @@ def export_onnx(
                     is not None else _example_inputs(gm, example_inputs))
         names = (input_names, output_names, dynamic_shapes, axis_names)
         program = _to_onnx_program(gm, examples, opset, custom_translation_table, optimize, path,
-                                   names)
+                                   names, direct)
         staged = tmp / path.name
         try:
             with _quiet():
@@ -142,12 +152,22 @@ def export_onnx(
     return path
 
 
-def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) * 4) -> Any:
-    """Re-export ``gm`` with dynamic batch/seq dims and translate it to an ``ONNXProgram``."""
+def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) * 4,
+                     direct: bool = False) -> Any:
+    """Translate ``gm`` to an ``ONNXProgram``: directly where :mod:`backends.onnx_direct`
+    applies, else re-exported with dynamic batch/seq dims."""
     # Registers the quantized_decomposed ops so graphs carrying PT2E Q/DQ nodes re-export.
     import torch.ao.quantization.fx._decomposed
 
     in_names, out_names, dynamic_shapes, axis_names = names
+    program = None
+    if direct and dynamic_shapes is None and isinstance(gm, fx.GraphModule) and len(examples) == 1:
+        program = _direct_program(gm, opset, table, path, in_names, out_names)
+    if program is not None:
+        if optimize:
+            clean_onnx_graph(program.model)
+        _name_dynamic_axes(program, axis_names)
+        return program
     dyn = torch.export.Dim.DYNAMIC
     if dynamic_shapes is None:
         dynamic_shapes = tuple({d: dyn for d in range(min(x.dim(), 2))} for x in examples)
@@ -187,6 +207,26 @@ def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) *
         clean_onnx_graph(program.model)
     _name_dynamic_axes(program, axis_names)
     return program
+
+
+def _direct_program(gm, opset, table, path, in_names, out_names) -> Any:
+    """:func:`backends.onnx_direct.onnx_program`, or None (the standard route follows: the
+    direct one does not apply, or failed, which is logged as a warning)."""
+    from backends import onnx_direct
+
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    n_out = len(out.args[0]) if isinstance(out.args[0], (tuple, list)) else 1
+    input_names = list(in_names) if in_names else [INPUT_NAME]
+    output_names = list(out_names) if out_names else [OUTPUT_NAME] if n_out == 1 else None
+    try:
+        # grad mode as the compile's shape propagations had it: they are reused
+        with _quiet():
+            return onnx_direct.onnx_program(gm, opset=opset, table=table, input_names=input_names,
+                                            output_names=output_names, export=torch.onnx.export)
+    except Exception as e:
+        log.warning("ONNX export of %s: the direct translation failed (%s: %s); re-exporting "
+                    "with torch.export", path, type(e).__name__, _first_line(e))
+        return None
 
 
 def clean_onnx_graph(model: Any, steps: int = 2) -> None:

@@ -1,0 +1,139 @@
+"""The direct ONNX route (no second trace, no whole-graph decomposition) gives the standard
+route's ONNX graph, and falls back to it where it does not apply."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+from backends import onnx_direct  # noqa: E402
+from backends.onnxruntime import export_onnx  # noqa: E402
+from backends.ort_quant import export_quantized_onnx  # noqa: E402
+from tests.conftest import tiny_compiled  # noqa: E402
+
+ROUTE_LOG = "backends.onnx_direct"
+
+
+def _ops(path: Path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _io(path: Path) -> list:
+    m = onnx.load(str(path), load_external_data=False)
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+
+    return [(v.name, dims(v)) for v in [*m.graph.input, *m.graph.output]]
+
+
+def _ort_logits(path: Path, ids: torch.Tensor) -> np.ndarray:
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s.run(None, {"input_ids": ids.numpy()})[0]
+
+
+def _routes(gm, tmp_path, caplog, export=export_onnx) -> tuple[Path, Path]:
+    direct, standard = tmp_path / "direct.onnx", tmp_path / "standard.onnx"
+    with caplog.at_level(logging.DEBUG, logger=ROUTE_LOG):
+        export(gm, direct)
+    assert any("direct route" in r.getMessage() for r in caplog.records), caplog.text
+    export(gm, standard, direct=False)
+    return direct, standard
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3", "gemma"])
+def test_direct_route_gives_the_standard_graph(family, tmp_path, caplog):
+    """Same op types, inputs, outputs and dynamic axes; ORT's logits those of the graph. phi3
+    has a ``chunk`` (several outputs) to decompose, gemma an embedding scale, gpt2 LayerNorm
+    and a tied head."""
+    cm = tiny_compiled(family)
+    gm = cm.graph_module
+    nodes = len(gm.graph.nodes)
+    direct, standard = _routes(gm, tmp_path, caplog)
+    assert len(gm.graph.nodes) == nodes  # the compiled graph is not modified
+    assert _ops(direct) == _ops(standard)
+    assert _io(direct) == _io(standard)
+    assert _io(direct)[0] == ("input_ids", ["batch", "seq"])
+    ids = torch.randint(0, 200, (3, 29), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = gm(ids)
+    ref = (ref[0] if isinstance(ref, (tuple, list)) else ref).numpy()
+    np.testing.assert_allclose(_ort_logits(direct, ids), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_direct_route_of_an_integer_graph(tmp_path, caplog):
+    """The W8A8 graph lowered to ORT's integer ops (custom translations): same graph both ways."""
+    import compiler
+
+    calib = [torch.randint(0, 200, (2, 32), generator=torch.Generator().manual_seed(i))
+             for i in range(2)]
+    cm = compiler.compile("tiny-llama", passes=["smoothquant(alpha=0.5)",
+                                                "insert_qdq(scheme='w8a8')"],
+                          calibration=calib, report_data=False)
+    direct, standard = _routes(cm.graph_module, tmp_path, caplog, export_quantized_onnx)
+    ops = _ops(direct)
+    assert ops == _ops(standard)
+    assert ops["MatMulIntegerToFloat"] > 0
+    ids = torch.randint(0, 200, (2, 17), generator=torch.Generator().manual_seed(1))
+    np.testing.assert_allclose(_ort_logits(direct, ids), _ort_logits(standard, ids),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_decompose_untranslated_leaves_only_translatable_ops():
+    from compiler.pass_manager import propagate_shapes
+
+    gm = tiny_compiled("llama").graph_module
+    reference = tiny_compiled("llama").graph_module
+    propagate_shapes(gm, torch.zeros(2, 16, dtype=torch.long))
+    implemented = onnx_direct._torchlib_ops(None)
+    table = onnx_direct._decomposition_table(implemented)
+    before = onnx_direct._untranslated(gm.graph, implemented, table)
+    assert {str(n.target) for n in before} >= {"aten.rms_norm.default"}
+    replaced = onnx_direct.decompose_untranslated(gm, implemented, table)
+    assert replaced == len(before)
+    assert onnx_direct._untranslated(gm.graph, implemented, table) == []
+    propagate_shapes(gm, torch.zeros(2, 16, dtype=torch.long))
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(ids), reference(ids))
+
+
+def test_a_graph_with_two_inputs_is_not_for_the_direct_route(caplog):
+    class Two(torch.nn.Module):
+        def forward(self, a, b):
+            return a * 2, b + 1
+
+    gm = torch.export.export(Two(), (torch.ones(2, 3), torch.ones(2, 3))).module()
+
+    def export(*args, **kwargs):
+        raise AssertionError("the direct route must not export this graph")
+
+    with caplog.at_level(logging.DEBUG, logger=ROUTE_LOG):
+        program = onnx_direct.onnx_program(gm, opset=None, table=None, input_names=None,
+                                           output_names=None, export=export)
+    assert program is None
+    assert "standard route (2 graph inputs)" in caplog.text
+
+
+def test_a_failure_of_the_direct_route_falls_back_to_the_standard_one(tmp_path, caplog,
+                                                                      monkeypatch):
+    def broken(gm):
+        raise RuntimeError("simulated")
+
+    monkeypatch.setattr(onnx_direct, "exported_program", broken)
+    gm = tiny_compiled("llama").graph_module
+    with caplog.at_level(logging.WARNING, logger="backends.onnxruntime"):
+        path = export_onnx(gm, tmp_path / "m.onnx")
+    assert "direct translation failed (RuntimeError: simulated)" in caplog.text
+    ids = torch.randint(0, 200, (2, 9))
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort_logits(path, ids), gm(ids).numpy(), atol=1e-4, rtol=1e-4)
