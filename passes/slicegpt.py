@@ -354,10 +354,10 @@ class SequentialBases(BlockVisitor):
             if group != self._group:  # a new group starts at this unit
                 self._group, self._group_cov = group, cov
                 self._group_units, self._group_inputs = [], list(runner.inputs)
+                self.bases[group] = pca_basis(self._group_cov / self._group_cov.trace())
             else:
                 self._group_cov = self._group_cov + cov
-                self._replay(runner)
-            self.bases[group] = pca_basis(self._group_cov / self._group_cov.trace())
+                self._replay(runner)  # re-estimates the group's basis first
             self.group_of_key[key] = group
         self._group_units.append(block)
         if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
