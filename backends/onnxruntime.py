@@ -4,7 +4,7 @@ Lowering path: the fx GraphModule becomes an ``ExportedProgram`` with dynamic ba
 sequence dims and is handed to ``torch.onnx.export(exported_program, dynamo=True)``. For a
 compiled ``input_ids -> logits`` graph the program is built from the graph's own shape
 metadata, with only the ops ONNX cannot translate decomposed (:mod:`backends.onnx_direct`: the
-same ONNX graph, 12.5 -> about 5-6 s on a 134M model); otherwise (several inputs, explicit
+same ONNX graph; 12.9 -> 7.0 s on the 134M pipeline of ``benchmarks/bench_compile_time.py``); otherwise (several inputs, explicit
 dynamic shapes, ``direct=False``) the graph is re-exported with ``torch.export`` and the
 exporter decomposes the whole of it. The graph
 input is named ``input_ids`` and the output ``logits``; their dynamic axes are named ``batch``

@@ -69,13 +69,19 @@ def test_rewriting_weight_values_only_keeps_the_shapes(runs, probe):
     assert len(runs) == 1
 
 
-def test_an_inserted_node_is_propagated(runs, probe):
+def _propagated_then_cut(probe):
+    """A propagated tiny Llama whose logits then go through a new ``slice`` to 5 columns."""
     gm = tiny_graph("llama")
     verify_graph(gm, probe)
     logits = ir.nodes_of(gm, LINEAR)[-1]
     with gm.graph.inserting_after(logits):
         cut = gm.graph.call_function(torch.ops.aten.slice.Tensor, (logits, -1, 0, 5))
     logits.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
+    return gm, logits, cut
+
+
+def test_an_inserted_node_is_propagated(runs, probe):
+    gm, logits, cut = _propagated_then_cut(probe)
     verify_graph(gm, probe)
     assert len(runs) == 2
     assert cut.meta["val"].shape[-1] == 5
@@ -218,12 +224,7 @@ def test_incremental_propagation_equals_a_full_one(model, passes):
 
 
 def test_only_the_changed_part_is_recomputed(probe):
-    gm = tiny_graph("llama")
-    verify_graph(gm, probe)
-    logits = ir.nodes_of(gm, LINEAR)[-1]
-    with gm.graph.inserting_after(logits):
-        cut = gm.graph.call_function(torch.ops.aten.slice.Tensor, (logits, -1, 0, 5))
-    logits.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
+    gm, _, _ = _propagated_then_cut(probe)
     before = dict(SHAPE_PROPAGATION)
     verify_graph(gm, probe)
     assert SHAPE_PROPAGATION["recomputed"] - before.get("recomputed", 0) == 1  # the slice
