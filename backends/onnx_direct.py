@@ -178,7 +178,7 @@ def exported_program(gm: fx.GraphModule):
     user = [n for n in graph.nodes if n.op == "placeholder"]
     state: dict[str, torch.Tensor] = {}
     kinds: dict[str, Any] = {}
-    lifted: dict[str, fx.Node] = {}
+    lifted: dict[str | int, fx.Node] = {}
     for n in list(graph.nodes):
         if n.op == "output":
             continue
@@ -192,13 +192,15 @@ def exported_program(gm: fx.GraphModule):
         if not isinstance(obj, torch.Tensor):
             raise Unsupported(f"get_attr {n.target} is a {type(obj).__name__}, not a tensor")
         target = str(n.target)
-        ph = lifted.get(target)
+        # one input per tensor, as torch.export lifts them: a tensor under two names (tied
+        # weights) is stored once
+        ph = lifted.get(target) or lifted.get(id(obj))
         if ph is None:
             with graph.inserting_before(user[0]):
                 ph = graph.placeholder("p_" + target.replace(".", "_"))
             ph.meta.update(n.meta)
             ph.meta["fxcompress_lifted"] = target
-            lifted[target] = ph
+            lifted[target] = lifted[id(obj)] = ph
             state[target] = obj
             kinds[target] = (InputKind.PARAMETER if isinstance(obj, torch.nn.Parameter)
                              else InputKind.BUFFER)

@@ -137,3 +137,22 @@ def test_a_failure_of_the_direct_route_falls_back_to_the_standard_one(tmp_path, 
     ids = torch.randint(0, 200, (2, 9))
     with torch.no_grad():
         np.testing.assert_allclose(_ort_logits(path, ids), gm(ids).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_a_tensor_under_two_names_is_one_input():
+    """Tied weights (one tensor read through two attribute names) are lifted once."""
+    from compiler.pass_manager import propagate_shapes
+
+    gm = tiny_compiled("llama").graph_module
+    lin = [n for n in gm.graph.nodes if n.op == "call_function" and "linear" in str(n.target)]
+    w = lin[1].args[1]
+    gm.register_parameter("tied_copy_name", getattr(gm, w.target) if "." not in w.target
+                          else gm.get_parameter(w.target))
+    with gm.graph.inserting_before(lin[1]):
+        alias = gm.graph.get_attr("tied_copy_name")
+    lin[1].replace_input_with(w, alias)
+    gm.recompile()
+    propagate_shapes(gm, torch.zeros(2, 16, dtype=torch.long))
+    program = onnx_direct.exported_program(gm)
+    lifted = [s for s in program.graph_signature.input_specs if s.target is not None]
+    assert len(lifted) == len({id(t) for t in program.state_dict.values()})
