@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from compiler.pass_manager import _STAMP_META, _ShapeStamp, _val_key, propagate_shapes
+from compiler.pass_manager import propagate_shapes, propagation_of, value_key
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,8 @@ def exported_program(gm: fx.GraphModule):
     """
     from torch.export.graph_signature import InputKind
 
-    stamp = gm.meta.get(_STAMP_META)
-    if not isinstance(stamp, _ShapeStamp) or stamp.mode is None:
+    propagated = propagation_of(gm)
+    if propagated is None:
         raise Unsupported("the graph was not shape-propagated")
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
@@ -207,7 +207,7 @@ def exported_program(gm: fx.GraphModule):
         n.replace_all_uses_with(ph)
         graph.erase_node(n)
     graph.lint()
-    ranges = dict(stamp.mode.shape_env.var_to_range)
+    ranges = dict(propagated[0].shape_env.var_to_range)
     return _program(fx.GraphModule(gm, graph), graph, state, kinds, ranges)
 
 
@@ -216,7 +216,7 @@ def _signature(n: fx.Node) -> Any:
     of the values it reads (hashable; None where an argument is not)."""
     def freeze(a):
         if isinstance(a, fx.Node):
-            return ("node", _val_key(a.meta["val"]))
+            return ("node", value_key(a.meta["val"]))
         if isinstance(a, (list, tuple)):
             return tuple(freeze(x) for x in a)
         if isinstance(a, dict):
@@ -351,7 +351,7 @@ def decompose_untranslated(gm: fx.GraphModule, implemented: set, table: dict) ->
         Unsupported: a node whose value is not a tensor or a list of tensors read by index, or a
             decomposition that is still untranslatable or lifts a constant.
     """
-    ranges = dict(gm.meta[_STAMP_META].mode.shape_env.var_to_range)
+    ranges = dict(propagation_of(gm)[0].shape_env.var_to_range)
     todo = _untranslated(gm.graph, implemented, table)
     reps: dict[Any, fx.Node] = {}
     for n in todo:
@@ -446,10 +446,10 @@ def onnx_program(gm: fx.GraphModule, *, opset: int | None, table: dict | None,
         if len(placeholders) != 1:
             raise Unsupported(f"{len(placeholders)} graph inputs")
         _internals()
-        stamp = gm.meta.get(_STAMP_META)
+        propagated = propagation_of(gm)
         probe_shape, probe_dtype = PROBE_SHAPE, torch.long
-        if isinstance(stamp, _ShapeStamp) and stamp.key is not None and len(stamp.key[2]) == 2:
-            probe_shape, probe_dtype = stamp.key[2], stamp.key[3]
+        if propagated is not None and len(propagated[1]) == 2:
+            probe_shape, probe_dtype = propagated[1], propagated[2]
         val = placeholders[0].meta.get("val")
         if isinstance(val, torch.Tensor):
             if val.dim() != 2:

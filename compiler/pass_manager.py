@@ -626,14 +626,14 @@ def _propagated(gm: fx.GraphModule, key: tuple) -> bool:
         n.meta.get("val") is v for n, v in zip(nodes, stamp.vals))
 
 
-def _val_key(v) -> Any:
+def value_key(v) -> Any:
     """What a node's ``meta['val']`` says to the nodes reading it: for a tensor its symbolic
     sizes, strides and storage offset (as text), dtype and device; containers element-wise."""
     if isinstance(v, torch.Tensor):
         return ("tensor", tuple(map(str, v.shape)), tuple(map(str, v.stride())),
                 str(v.storage_offset()), v.dtype, v.device)
     if isinstance(v, (tuple, list)):
-        return tuple(_val_key(x) for x in v)
+        return tuple(value_key(x) for x in v)
     if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return ("sym", str(v))
     return v if isinstance(v, (int, float, bool, str, type(None))) else ("object", type(v))
@@ -645,7 +645,7 @@ def _fake_prop_class():
     class ReusingFakeTensorProp(FakeTensorProp):
         """Fake-tensor propagation that keeps a node's previous value when its row of the graph
         key is unchanged and every node it reads is *stable* (its value says the same as
-        before: :func:`_val_key`); every other node is recomputed."""
+        before: :func:`value_key`); every other node is recomputed."""
 
         def __init__(self, gm, mode, stamp: _ShapeStamp | None, rows: dict):
             super().__init__(gm, mode)
@@ -667,7 +667,7 @@ def _fake_prop_class():
             result = super().run_node(n)
             if n.op not in ("placeholder", "get_attr", "output"):
                 self.recomputed += 1
-            if name in self.old_vals and _val_key(n.meta.get("val")) == _val_key(self.old_vals[name]):
+            if name in self.old_vals and value_key(n.meta.get("val")) == value_key(self.old_vals[name]):
                 self.stable.add(name)
             return result
 
@@ -739,3 +739,12 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
     vals = tuple(n.meta.get("val") for n in gm.graph.nodes)
     gm.meta[_STAMP_META] = _ShapeStamp(key, vals, mode, fake, rows,
                                        {n.name: v for n, v in zip(gm.graph.nodes, vals)})
+
+
+def propagation_of(gm: fx.GraphModule) -> tuple[Any, tuple, torch.dtype] | None:
+    """``(fake tensor mode, probe shape, probe dtype)`` of the last successful
+    :func:`propagate_shapes` of ``gm`` (shared by its deep copies), or None."""
+    stamp = gm.meta.get(_STAMP_META)
+    if not isinstance(stamp, _ShapeStamp) or stamp.key is None or stamp.mode is None:
+        return None
+    return stamp.mode, tuple(stamp.key[2]), stamp.key[3]

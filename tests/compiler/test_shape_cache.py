@@ -194,9 +194,9 @@ def test_compile_reports_its_shape_propagations(runs):
 
 
 def _val_keys(gm):
-    from compiler.pass_manager import _val_key
+    from compiler.pass_manager import value_key
 
-    return [(n.name, _val_key(n.meta.get("val"))) for n in gm.graph.nodes]
+    return [(n.name, value_key(n.meta.get("val"))) for n in gm.graph.nodes]
 
 
 @pytest.mark.parametrize("model,passes", [
