@@ -156,3 +156,18 @@ def test_a_tensor_under_two_names_is_one_input():
     program = onnx_direct.exported_program(gm)
     lifted = [s for s in program.graph_signature.input_specs if s.target is not None]
     assert len(lifted) == len({id(t) for t in program.state_dict.values()})
+
+
+def test_export_routes_benchmark_on_a_tiny_model():
+    """``benchmarks/bench_export_routes.py``: both routes, same ops, the same ORT logits."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from bench_export_routes import main
+
+    rows = main(["--model", "tiny-llama", "--threads", "1"])
+    assert [r["recipe"] for r in rows] == ["fp32", "w8a8"]
+    for r in rows:
+        assert r["same_ops"]
+        assert r["ort_direct_vs_standard"] < 1e-4
+    assert rows[0]["ort_direct_vs_graph"] < 1e-4
