@@ -353,26 +353,25 @@ def decompose_untranslated(gm: fx.GraphModule, implemented: set, table: dict) ->
     """
     ranges = dict(propagation_of(gm)[0].shape_env.var_to_range)
     todo = _untranslated(gm.graph, implemented, table)
-    reps: dict[Any, fx.Node] = {}
-    for n in todo:
-        _outputs(n)
-        key = _signature(n)
-        reps.setdefault(key if key is not None else ("node", n.name), n)
     if not todo:
         return 0
-    keys = list(reps)
-    graphs = dict(zip(keys, _decompose_all(list(reps.values()), table, ranges)))
+    keys, counts, reps = {}, {}, {}
+    for n in todo:
+        counts[n] = _outputs(n)
+        key = _signature(n)
+        keys[n] = key if key is not None else ("node", n.name)
+        reps.setdefault(keys[n], n)
+    graphs = dict(zip(reps, _decompose_all(list(reps.values()), table, ranges)))
     for sub in graphs.values():
         left = _untranslated(sub, implemented)
         if left:
             raise Unsupported(f"{left[0].target} has no translation after decomposition")
     for n in todo:
-        key = _signature(n)
-        sub = graphs[key if key is not None else ("node", n.name)]
+        sub = graphs[keys[n]]
         placeholders = [p for p in sub.nodes if p.op == "placeholder"]
         with gm.graph.inserting_before(n):
             values = gm.graph.graph_copy(sub, dict(zip(placeholders, n.all_input_nodes)))
-        if _outputs(n) is None:
+        if counts[n] is None:
             n.replace_all_uses_with(values[0])
         else:
             for u in list(n.users):

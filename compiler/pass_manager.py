@@ -47,6 +47,7 @@ with ``atol = 1e-4``, and the note says so.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -555,13 +556,13 @@ class _ShapeStamp:
     identity. A pickled stamp comes back empty and matches nothing.
     """
 
-    __slots__ = ("key", "vals", "mode", "fake_probe", "rows", "by_name")
+    __slots__ = ("key", "vals", "mode", "fake_probe", "rows")
 
     def __init__(self, key: tuple | None, vals: tuple = (), mode=None, fake_probe=None,
-                 rows: dict | None = None, by_name: dict | None = None):
+                 rows: dict | None = None):
         self.key, self.vals = key, vals
         self.mode, self.fake_probe = mode, fake_probe
-        self.rows, self.by_name = rows or {}, by_name or {}
+        self.rows = rows or {}  # node name -> row of the graph key, in graph order (as vals)
 
     def __copy__(self):
         return self
@@ -639,6 +640,7 @@ def value_key(v) -> Any:
     return v if isinstance(v, (int, float, bool, str, type(None))) else ("object", type(v))
 
 
+@functools.lru_cache(maxsize=1)
 def _fake_prop_class():
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -650,7 +652,7 @@ def _fake_prop_class():
         def __init__(self, gm, mode, stamp: _ShapeStamp | None, rows: dict):
             super().__init__(gm, mode)
             self.old_rows = stamp.rows if stamp is not None else {}
-            self.old_vals = stamp.by_name if stamp is not None else {}
+            self.old_vals = dict(zip(stamp.rows, stamp.vals)) if stamp is not None else {}
             self.rows = rows
             self.stable: set[str] = set()
             self.recomputed = self.reused = 0
@@ -737,8 +739,7 @@ def propagate_shapes(gm: fx.GraphModule, probe: torch.Tensor, ctxmsg: str = "") 
         SHAPE_PROPAGATION["recomputed"] += prop.recomputed
         SHAPE_PROPAGATION["reused"] += prop.reused
     vals = tuple(n.meta.get("val") for n in gm.graph.nodes)
-    gm.meta[_STAMP_META] = _ShapeStamp(key, vals, mode, fake, rows,
-                                       {n.name: v for n, v in zip(gm.graph.nodes, vals)})
+    gm.meta[_STAMP_META] = _ShapeStamp(key, vals, mode, fake, rows)
 
 
 def propagation_of(gm: fx.GraphModule) -> tuple[Any, tuple, torch.dtype] | None:
