@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--passes", nargs="*", default=PIPELINE)
+    ap.add_argument("--calibration-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compile(calibration_dtype=...); with bfloat16 the HF forward is also "
+                         "timed under bfloat16 autocast, for a second ratio")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -89,11 +92,20 @@ def main(argv: list[str] | None = None) -> dict:
             model(input_ids=b, use_cache=False)
     forward = time.perf_counter() - t0
     print(f"plain forward over {args.samples} x {args.seq}: {forward:.1f} s", flush=True)
+    forward_bf16 = None
+    if args.calibration_dtype == "bfloat16":  # the same forward in the calibration's precision
+        t0 = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for b in batches:
+                model(input_ids=b, use_cache=False)
+        forward_bf16 = time.perf_counter() - t0
+        print(f"plain forward under bfloat16 autocast: {forward_bf16:.1f} s", flush=True)
 
     phase_peaks = {"forward": phase_peak_mb()}
     resettable = reset_peak()
     t0 = time.perf_counter()
-    cm = compiler.compile(model, passes=args.passes, calibration=batches)
+    cm = compiler.compile(model, passes=args.passes, calibration=batches,
+                          calibration_dtype=args.calibration_dtype)
     compiled = time.perf_counter() - t0
     phase_peaks["compile"] = phase_peak_mb() if resettable else None
     reset_peak()
@@ -112,6 +124,9 @@ def main(argv: list[str] | None = None) -> dict:
         "forward_s": round(forward, 1), "compile_s": round(compiled, 1),
         "export_s": round(export, 1), "total_s": round(total, 1),
         "ratio": round(total / forward, 2), "passes": rows,
+        "calibration_dtype": args.calibration_dtype,
+        "forward_bf16_s": forward_bf16 and round(forward_bf16, 1),
+        "ratio_to_bf16_forward": forward_bf16 and round(total / forward_bf16, 2),
         "traced_and_checked_s": round(compiled - sum(r.seconds for r in cm.report.records), 1),
         "peak_rss_mb": round(max(peak_mb(), *(v for v in phase_peaks.values() if v))),
         "phase_peak_rss_mb": {k: v and round(v) for k, v in phase_peaks.items()},
@@ -127,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| trace, canonicalize, checks | {result['traced_and_checked_s']} | - |")
     print(f"| export_onnx | {export:.1f} | - |")
     print(f"| **total / forward** | {total:.1f} | **{result['ratio']}x** |")
+    if forward_bf16:
+        print(f"| total / forward under bfloat16 autocast ({forward_bf16:.1f} s) | {total:.1f} | "
+              f"{result['ratio_to_bf16_forward']}x |")
     print("outside the passes:", json.dumps(result["extra"]))
     print(f"peak RSS {result['peak_rss_mb']} MB; per phase (MB): "
           + ", ".join(f"{k} {v}" for k, v in result["phase_peak_rss_mb"].items()))

@@ -42,6 +42,7 @@ from compiler.frontend import export_program, load_model, normalize, trace
 from compiler.generation import GenerationStats
 from compiler.pass_base import Pass, PassContext
 from compiler.pass_manager import SHAPE_PROPAGATION, DumpIR, Instrument, LogitsDrift, PassManager
+from compiler.precision import parse_calibration_dtype
 from compiler.registry import add_pass_modules, make_pass
 from compiler.report import Report
 
@@ -388,6 +389,7 @@ def compile(
     progress: bool = False,
     seed: int = 0,
     report_data: bool = True,
+    calibration_dtype: str | torch.dtype = "float32",
 ) -> CompiledModel:
     """Trace ``model``, run ``passes`` through the checked pass manager, return the compiled model.
 
@@ -414,6 +416,11 @@ def compile(
         report_data: capture, per pass, the block graph diff, activation ranges and
             quantization error that ``cm.report.to_html`` draws
             (:mod:`compiler.report_capture`; a few forwards on a 256-token sample).
+        calibration_dtype: ``"float32"`` (default) or ``"bfloat16"``: the precision the
+            calibration runs (the block engine's sweeps and the activation statistics) compute
+            their matrix products in, under ``torch.autocast``; the model, its rewrites and the
+            exact checks stay float32 / float64 (:mod:`compiler.precision`). bfloat16 is the
+            fast choice on CPUs with AMX; results then depend on that rounding.
 
     Returns:
         A :class:`CompiledModel`.
@@ -422,6 +429,7 @@ def compile(
         UnsupportedModelError, PipelineError, PreconditionError, VerificationError, DataError.
     """
     t0 = time.perf_counter()
+    compute_dtype = parse_calibration_dtype(calibration_dtype)
     model_spec = model
     if not isinstance(model, torch.nn.Module):
         model = load_model(model)
@@ -439,7 +447,8 @@ def compile(
         probe_inputs = torch.randint(0, vocab or 2, (2, 32), generator=g)
     with torch.no_grad():
         reference = gm(probe_inputs)
-    ctx = PassContext(calibration=batches, probe_inputs=probe_inputs, seed=seed, progress=progress)
+    ctx = PassContext(calibration=batches, probe_inputs=probe_inputs, seed=seed, progress=progress,
+                      calibration_dtype=compute_dtype)
     inst: list[Instrument] = [LogitsDrift(reference, probe_inputs), *instruments]
     capture = None
     if report_data:
@@ -451,7 +460,7 @@ def compile(
         inst.append(DumpIR(dump_dir))
     report = Report(
         model=type(model).__name__,
-        calibration=_describe_calibration(batches),
+        calibration=_describe_calibration(batches, compute_dtype),
     )
     trace_seconds = time.perf_counter() - t0
     shapes0 = dict(SHAPE_PROPAGATION)
@@ -476,11 +485,13 @@ def compile(
                          tokenizer_dir=tok)
 
 
-def _describe_calibration(batches: list[torch.Tensor] | None) -> str:
+def _describe_calibration(batches: list[torch.Tensor] | None,
+                          compute_dtype: torch.dtype | None = None) -> str:
     if not batches:
         return "none"
     tokens = sum(b.numel() for b in batches)
-    return f"{len(batches)} batches, {tokens:,} tokens"
+    run_in = "" if compute_dtype is None else f", run in {str(compute_dtype).split('.')[-1]}"
+    return f"{len(batches)} batches, {tokens:,} tokens{run_in}"
 
 
 def load(directory: str | os.PathLike) -> CompiledModel:

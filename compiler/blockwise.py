@@ -49,6 +49,11 @@ to 2.41-2.42 GB at no time cost the VM's noise shows (trimming after every unit 
 1.5 s of 72: pages faulted in again). Progress: one tqdm
 bar over blocks when ``progress`` is set (as :mod:`compiler.stats` does over batches).
 
+Precision: with ``compute_dtype=torch.bfloat16`` (``compile(calibration_dtype="bfloat16")``,
+:mod:`compiler.precision`) each block run executes the graph's ops under autocast, each linear's
+weight and bias cast once per block rather than once per run (the values are autocast's, bit
+for bit); observers receive float32 tensors and run outside autocast.
+
 The caller's graph is not modified by the engine; parameter overrides are kept in
 :attr:`BlockRunner.overrides` for the pass to apply (or discard) afterwards.
 
@@ -71,6 +76,7 @@ from compiler import ir
 from compiler.depgraph import build_channel_groups
 from compiler.errors import DataError, PassError, PreconditionError
 from compiler.memory import release_free_memory
+from compiler.precision import calibration_autocast
 
 log = logging.getLogger(__name__)
 
@@ -283,13 +289,16 @@ class BlockRunner:
     """
 
     def __init__(self, gm: fx.GraphModule, partition: BlockPartition,
-                 store_dtype: torch.dtype | None = None) -> None:
+                 store_dtype: torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None) -> None:
         self.gm = gm
         self.partition = partition
         self.overrides: dict[str, torch.Tensor] = {}
         self.inputs: list[torch.Tensor] = []
         self.sides: list[dict[fx.Node, Any]] = []
         self.store_dtype = store_dtype
+        self.compute_dtype = compute_dtype
+        self._casts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def param(self, target: str) -> torch.Tensor:
         """The tensor a ``get_attr`` of ``target`` reads (an override if one is set)."""
@@ -327,21 +336,44 @@ class BlockRunner:
                     t = str(a.target)
                     if overrides and t in overrides:
                         return overrides[t]
-                    return self.param(t)
+                    return self._cast(t) if a in cast else self.param(t)
                 raise PassError(f"blockwise: value of {a.name} ({ir.site(a) or '<top>'}) is not "
                                 "available to this block")
             return a
 
+        # a linear's weight and bias: cast to the calibration dtype once, not once per run
+        cast = set() if self.compute_dtype is None else {
+            a for n in nodes if ir.is_op(n, ir.LINEAR)
+            for a in n.args[1:3] if isinstance(a, fx.Node) and a.op == "get_attr"}
+
         for i, n in enumerate(nodes):
             args = fx.node.map_aggregate(n.args, load)
             kwargs = fx.node.map_aggregate(n.kwargs, load)
-            env[n] = n.target(*args, **kwargs)
-            if observe is not None and n in observe:
-                observe[n](env[n])
+            # only the graph's own ops run in the calibration precision, not the observers
+            with calibration_autocast(self.compute_dtype):
+                env[n] = n.target(*args, **kwargs)
+            if observe is not None and n in observe:  # observers see float32 either way
+                observe[n](env[n] if self.compute_dtype is None else _as_computed(env[n]))
             if keep is not None:
                 del args, kwargs
                 for d in dead.get(i, ()):
                     del env[d]
+
+    def _cast(self, target: str) -> torch.Tensor:
+        """The parameter ``target`` in the calibration dtype (what autocast would make of it
+        in every run), cached while the parameter is the same tensor object; the cache is
+        emptied by :meth:`clear_casts`."""
+        p = self.param(target)
+        if not p.is_floating_point() or p.dtype == self.compute_dtype:
+            return p
+        hit = self._casts.get(target)
+        if hit is None or hit[0] is not p:
+            hit = self._casts[target] = (p, p.detach().to(self.compute_dtype))
+        return hit[1]
+
+    def clear_casts(self) -> None:
+        """Forget the cast parameters (after a transform: a pass may change one in place)."""
+        self._casts.clear()
 
     def _store(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.store_dtype is None else x.to(self.store_dtype)
@@ -479,6 +511,7 @@ def run_blockwise(
     store_dtype: torch.dtype | None = None,
     desc: str = "blocks",
     unit: str = "block",
+    compute_dtype: torch.dtype | None = None,
 ) -> BlockRunner:
     """Calibrate ``gm`` block by block (see the module docstring).
 
@@ -492,6 +525,9 @@ def run_blockwise(
         store_dtype: dtype of the stored block inputs (None: as computed, exact).
         desc: label of the progress bar.
         unit: ``"block"`` or ``"segment"`` (see :func:`partition_blocks`).
+        compute_dtype: None (float32, as the graph computes) or ``torch.bfloat16``: every block
+            run executes under autocast to it (:mod:`compiler.precision`); the visitor's own
+            work (``observe``, ``transform``) does not.
 
     Returns:
         The :class:`BlockRunner` (its ``overrides`` hold the visitor's parameter changes).
@@ -507,7 +543,7 @@ def run_blockwise(
         raise DataError("blockwise calibration needs at least one calibration batch of input_ids")
     part = partition_blocks(gm, unit)
     SWEEPS["run_blockwise"] += 1  # one pass over the calibration set, block by block
-    runner = BlockRunner(gm, part, store_dtype)
+    runner = BlockRunner(gm, part, store_dtype, compute_dtype)
     release_free_memory()
     runner.start(batches)
     blocks: Iterable[Block] = part.blocks
@@ -531,12 +567,15 @@ def run_blockwise(
                 out = runner.run(block, i, observe=cbs, until=until)
                 if not block.epilogue and propagate == "original":
                     outs.append(runner._store(out))
+        runner.clear_casts()  # the transform may have changed parameters in place
         visitor.transform(block, runner)
+        runner.clear_casts()
         if block.epilogue:
             break
         if propagate == "transformed":
             outs = [runner._store(runner.run(block, i)) for i in range(len(batches))]
         runner.inputs = outs
+        runner.clear_casts()  # holds one block's weights at most
         if block.index % TRIM_EVERY == TRIM_EVERY - 1:
             release_free_memory()  # the blocks' freed intermediates go back to the OS
         log.debug("blockwise: %s done", block.name())

@@ -243,6 +243,9 @@ class PassContext:
         history: names of the passes run so far (for error messages).
         upcoming: the passes after the one running, set by the pass manager (None when a pass
             runs on its own), so a pass can measure what they will ask for in its own sweep.
+        calibration_dtype: None (float32) or ``torch.bfloat16``: the precision calibration
+            runs compute their matrix products in (:mod:`compiler.precision`); the block
+            engine and the statistics analysis read it.
     """
 
     calibration: list[torch.Tensor] | None = None
@@ -254,6 +257,7 @@ class PassContext:
     history: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     upcoming: tuple[Pass, ...] | None = None
+    calibration_dtype: torch.dtype | None = None
 
     def analysis(self, analysis: type[Analysis], gm: fx.GraphModule, **key) -> Any:
         return self.analyses.get(analysis, gm, self, **key)

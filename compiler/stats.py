@@ -76,6 +76,7 @@ from torch import fx
 from compiler import ir
 from compiler.errors import DataError, FxCompressError
 from compiler.memory import release_free_memory
+from compiler.precision import calibration_autocast
 from compiler.pass_base import Analysis, PassContext
 
 log = logging.getLogger(__name__)
@@ -403,7 +404,8 @@ class _Observer(torch.nn.Module):
         self.acc = acc
 
     def forward(self, x: torch.Tensor) -> None:
-        self.acc.update(x)
+        with torch.autocast("cpu", enabled=False):  # statistics stay float32 / float64
+            self.acc.update(x)
 
 
 def _instrumented_copy(
@@ -458,14 +460,16 @@ def _check_batches(batches) -> list[torch.Tensor]:
     return batches
 
 
-def _run_batches(module: torch.nn.Module, batches: list[torch.Tensor], progress: bool) -> None:
-    """Run ``module`` on every batch (statistics are gathered by its observers)."""
+def _run_batches(module: torch.nn.Module, batches: list[torch.Tensor], progress: bool,
+                 compute_dtype: torch.dtype | None = None) -> None:
+    """Run ``module`` on every batch (statistics are gathered by its observers), its ops in
+    ``compute_dtype`` (:mod:`compiler.precision`)."""
     it: Iterable[torch.Tensor] = batches
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="activation stats", unit="batch")
-    with torch.no_grad():
+    with torch.no_grad(), calibration_autocast(compute_dtype):
         for b in it:
             module(b)
 
@@ -479,6 +483,7 @@ def collect_stats(
     histogram: Iterable[str] = (),
     progress: bool = False,
     cache_dir: str | os.PathLike | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> StatsTable:
     """Per-channel statistics at ``sites`` from one run of ``gm`` over ``batches``.
 
@@ -491,6 +496,9 @@ def collect_stats(
             (observed even when not in ``sites``).
         progress: show a tqdm bar over batches.
         cache_dir: folder for the statistics cache (None: no cache).
+        compute_dtype: None (float32) or ``torch.bfloat16``: the run's ops execute under
+            autocast to it (:mod:`compiler.precision`); the statistics are reduced in float32 /
+            float64 either way.
 
     Returns:
         A :class:`StatsTable` with one entry per requested site (plus covariance sites).
@@ -524,7 +532,7 @@ def collect_stats(
     cache_file = None
     if cache_dir is not None:
         key = _cache_key(gm, batches, wanted, sorted(set(cov_sites), key=order.__getitem__),
-                         sorted(set(hist_sites), key=order.__getitem__))
+                         sorted(set(hist_sites), key=order.__getitem__), compute_dtype)
         cache_file = Path(cache_dir) / f"stats-{key}.safetensors"
         table = _load_cache(cache_file, site_to_tensor)
         if table is not None:
@@ -533,7 +541,7 @@ def collect_stats(
 
     inst = _instrumented_copy(gm, accs)
     release_free_memory()
-    _run_batches(inst, batches, progress)
+    _run_batches(inst, batches, progress, compute_dtype)
     tensors = {node.name: acc.result() for node, acc in accs.items()}
     table = StatsTable(tensors, site_to_tensor)
     log.info(
@@ -664,7 +672,7 @@ def _as_list(sites: Iterable[str], what: str) -> list[str]:
 
 def _cache_key(
     gm: fx.GraphModule, batches: list[torch.Tensor], sites: list[str], cov: list[str],
-    hist: list[str] = (),
+    hist: list[str] = (), compute_dtype: torch.dtype | None = None,
 ) -> str:
     h = hashlib.sha256()
     h.update(f"v{_CACHE_VERSION}\n".encode())
@@ -687,6 +695,8 @@ def _cache_key(
         h.update(f"{tuple(b.shape)} {b.dtype}".encode())
         h.update(b.numpy().tobytes())
     h.update(json.dumps([sites, cov, list(hist)] if hist else [sites, cov]).encode())
+    if compute_dtype is not None:  # float32 keys stay those of earlier versions
+        h.update(f"computed in {compute_dtype}".encode())
     return h.hexdigest()[:32]
 
 
@@ -791,4 +801,5 @@ class ActivationStats(Analysis):
             histogram=sorted(histogram),
             progress=ctx.progress,
             cache_dir=ctx.extra.get("stats_cache_dir"),
+            compute_dtype=ctx.calibration_dtype,
         )

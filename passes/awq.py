@@ -333,7 +333,7 @@ class AWQ(Pass):
         visitor = _AWQVisitor(self, gm, todo, sites)
         try:
             run_blockwise(gm, batches, visitor, propagate="original", progress=ctx.progress,
-                          desc="awq")
+                          desc="awq", compute_dtype=ctx.calibration_dtype)
         except BaseException:
             for name, p in saved.items():
                 ir.set_param(gm, name, p)

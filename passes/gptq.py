@@ -270,7 +270,7 @@ class GPTQ(Pass):
             return PassResult.unchanged(gm, notes, linears_quantized=0)
         visitor = _GPTQVisitor(self, todo)
         run_blockwise(gm, batches, visitor, propagate="transformed", progress=ctx.progress,
-                      desc="gptq")
+                      desc="gptq", compute_dtype=ctx.calibration_dtype)
         for a in [a for a in todo if a.node not in visitor.done]:
             notes.append(f"{a.site}: skipped, outside the decoder blocks (left float)")
         todo = [a for a in todo if a.node in visitor.done]

@@ -398,7 +398,8 @@ def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
     """
     visitor = SequentialBases(rs, keys, basis, widths)
     run_blockwise(gm, ctx.require_calibration(who), visitor, propagate="transformed",
-                  progress=ctx.progress, desc=who, unit="segment")
+                  progress=ctx.progress, desc=who, unit="segment",
+                  compute_dtype=ctx.calibration_dtype)
     missing = sorted(set(keys.values()) - set(visitor.group_of_key))
     if missing:
         where = {n.name: ir.site(n) or n.name for n in rs.norms}

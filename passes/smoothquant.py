@@ -619,7 +619,8 @@ class SmoothQuant(Pass):
                                 lambda s, table: self._smooth(gm, s, table, searched, chosen,
                                                               notes))
         run_blockwise(gm, ctx.require_calibration("smoothquant"), sweep, propagate="original",
-                      progress=ctx.progress, desc="smoothquant")
+                      progress=ctx.progress, desc="smoothquant",
+                      compute_dtype=ctx.calibration_dtype)
         notes.append(f"statistics: one block-by-block sweep; histograms of the smoothed linear "
                      f"inputs handed on ({len(collector.site_to_tensor)} sites)")
         return sweep.plans, collector.table().without(_stale_tensors(sweep.plans))

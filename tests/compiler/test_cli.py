@@ -170,3 +170,11 @@ def test_compile_data_dir_reads_calibration_there(tmp_path, capsys, monkeypatch)
     # without --data-dir the same command finds no data (the default place is patched away)
     assert main(["-q", "compile", str(STORIES), "--passes", "smoothquant", "--calib",
                  "tinystories:4x64", "-o", str(tmp_path / "c")]) == 2
+
+
+@needs_stories
+def test_compile_calibration_dtype_reaches_the_report(tmp_path, capsys):
+    assert main(["-q", "compile", str(STORIES), "--passes", "smoothquant", "--calib",
+                 "tinystories:4x64", "--calibration-dtype", "bfloat16",
+                 "-o", str(tmp_path / "a")]) == 0
+    assert "calibration 1 batches, 256 tokens, run in bfloat16" in capsys.readouterr().out
