@@ -305,6 +305,12 @@ def is_quantized(gm: fx.GraphModule) -> bool:
     )
 
 
+#: ``node.meta`` key: why this linear stays float under quantization unless a pass's
+#: ``include`` pattern names its site (set by the pass that created it, read by
+#: :func:`compiler.qdq.annotate`), e.g. a SliceGPT shortcut reading the residual stream
+KEEP_FLOAT = "fxcompress_keep_float"
+
+
 def copy_meta(src: fx.Node, dst: fx.Node, created_by: str | None = None) -> None:
     """Copy module-stack and shape metadata from ``src`` to a new node ``dst``."""
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta"):

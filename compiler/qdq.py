@@ -279,6 +279,8 @@ def _annotate_linear(n, spec: SchemeSpec, include, exclude, quantize_lm_head) ->
         a.skip = "not matched by include patterns"
     elif exclude and matches_site(name, exclude):
         a.skip = "matched by an exclude pattern"
+    elif n.meta.get(ir.KEEP_FLOAT) and not (include is not None and matches_site(name, include)):
+        a.skip = f"left float: {n.meta[ir.KEEP_FLOAT]} (an include pattern naming it overrides)"
     elif not quantize_lm_head and is_lm_head(n):
         a.skip = "LM head left float (quantize_lm_head=False)"
     else:

@@ -36,7 +36,12 @@ Sites rewritten: every ``aten.linear`` whose weight is a parameter, selected by
 (``model.layers.*.mlp.*``) or its ``:in`` site. Skipped, with a note: the LM head unless
 ``quantize_lm_head`` (its output is the logits, the most sensitive tensor); linears whose
 weight is not a parameter or is already dequantized (a second run is a no-op); sites the
-patterns leave out. Embeddings are left float unless ``quantize_embeddings`` (then int8 per
+patterns leave out; linears their creating pass marked to stay float
+(``compiler.ir.KEEP_FLOAT``: SliceGPT's shortcuts, which read the residual stream and its
+outlier channels, and its tied-head / embedding maps) unless an ``include`` pattern names
+their site (on SmolLM2-135M, quantizing the 30 shortcuts took ``slicegpt(0.25)`` +
+``smoothquant(0.5)`` + w8a8 from 13.85 to 1174 perplexity). Embeddings are left float unless
+``quantize_embeddings`` (then int8 per
 row, symmetric, dequantized after the lookup in the ONNX lowering); a table shared by a
 quantized LM head with the same int8 per-row scheme shares its integer parameter.
 

@@ -28,8 +28,10 @@ def _linears(gm) -> int:
 
 
 def _quantized(stats, gm) -> float:
-    """The fraction of the graph's linears (the LM head aside) a pass quantized."""
-    return round(stats.get("linears_quantized", 0) / max(_linears(gm) - 1, 1), 3)
+    """The fraction of the graph's linears a pass quantized, the LM head aside and the linears
+    their creator marked to stay float (``ir.KEEP_FLOAT``: SliceGPT's shortcuts and tie maps)."""
+    kept = sum(bool(n.meta.get(ir.KEEP_FLOAT)) for n in ir.nodes_of(gm, ir.LINEAR))
+    return round(stats.get("linears_quantized", 0) / max(_linears(gm) - kept - 1, 1), 3)
 
 
 # name -> (registry spec, how much it acted: f(stats, graph it ran on)). The measures do not

@@ -549,3 +549,31 @@ def test_float32_projection_and_covariance_match_float64():
     k = 48
     p_ref, p_got = projector(q_ref[:, -k:]), projector(q_got[:, -k:])
     assert float((p_ref - p_got).norm()) < 1e-4
+
+
+def test_quantization_leaves_shortcuts_and_tie_maps_float_unless_included(probe_ids,
+                                                                          calib_batches):
+    """SliceGPT's own linears read the residual stream (shortcuts) or belong to the embedding /
+    the tied head: ``insert_qdq`` leaves them float, naming why; an include pattern naming a
+    shortcut's site quantizes it. (On SmolLM2 quantizing the shortcuts took slicegpt(0.25) +
+    smoothquant(0.5) + w8a8 from 13.85 to 1174 perplexity.)"""
+    from passes.insert_qdq import InsertQDQ
+
+    gm = canonicalize(_tied_llama())
+    SliceGPT(sparsity=0.25, basis="per_norm").run(gm, _ctx(calib_batches, probe_ids))
+    mine = [n for n in ir.nodes_of(gm, ir.LINEAR)
+            if n.meta.get("fxcompress_created_by", "").startswith("slicegpt")]
+    assert len(mine) >= 3  # shortcuts, the embedding map, the head adapter
+    q = copy.deepcopy(gm)
+    res = InsertQDQ(scheme="w8a8").run(q, _ctx(calib_batches, probe_ids))
+    skipped = [n for n in res.notes if "left float:" in n]
+    assert len(skipped) == len(mine)
+    assert any("SliceGPT shortcut" in n for n in skipped)
+    assert any("LM head's input adapter" in n for n in skipped)
+    assert any("embedding's map" in n for n in skipped)
+    site = ir.site(_shortcuts(gm)[0])
+    named = sum(ir.site(n) == site for n in _shortcuts(gm))
+    q2 = copy.deepcopy(gm)
+    res2 = InsertQDQ(scheme="w8a8", include=[site, "*_proj"]).run(
+        q2, _ctx(calib_batches, probe_ids))
+    assert res2.stats["linears_quantized"] == res.stats["linears_quantized"] + named
