@@ -112,6 +112,17 @@ def pipelines() -> dict[str, list]:
     for c in (1.25, 1.5, 2):
         out[f"prune20_cap{c:g}"] = [StructuredPrune(ratio=0.2, global_cap=c)]
     out["prune20_protect_ends"] = [StructuredPrune(ratio=0.2 * 30 / 27, skip_layers=[0, 1, 29])]
+    # compositions (run them with --pass-manager, as compile() does): a structural pass, then
+    # the quantization recipes with their defaults
+    from passes.awq import AWQ
+    from passes.gptq import GPTQ
+
+    for first, make in (("slicegpt20", lambda: SliceGPT(sparsity=0.2)),
+                        ("prune20", lambda: StructuredPrune(ratio=0.2))):
+        out[f"{first}+sq+w8a8"] = [make(), SmoothQuant(), InsertQDQ(scheme="w8a8")]
+        out[f"{first}+w8a8_dynamic"] = [make(), InsertQDQ(scheme="w8a8_dynamic")]
+        out[f"{first}+gptq"] = [make(), GPTQ(group_size=64)]
+        out[f"{first}+awq"] = [make(), AWQ(group_size=64)]
     return out
 
 

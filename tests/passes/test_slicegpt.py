@@ -532,11 +532,13 @@ def test_float32_projection_and_covariance_match_float64():
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 256, 96, generator=g) * torch.linspace(0.1, 30.0, 96)
-    q = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))[0][:, :64]
+    full = torch.linalg.qr(torch.randn(96, 96, generator=g, dtype=torch.float64))[0]
+    q = full[:, :64]
     ref = ((x.double() @ q) @ q.T)
-    got = project(x, projector(q))
+    got = project(x, full[:, 64:])  # from the dropped directions
     assert got.dtype == torch.float32
     assert float((got.double() - ref).norm() / ref.norm()) < 2e-6
+    assert project(x, full[:, 96:]) is x  # nothing dropped: no work
     xd = x.double().reshape(-1, 96)
     n = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5)
     cov_ref = n.T @ n
