@@ -460,16 +460,14 @@ def _check_batches(batches) -> list[torch.Tensor]:
     return batches
 
 
-def _run_batches(module: torch.nn.Module, batches: list[torch.Tensor], progress: bool,
-                 compute_dtype: torch.dtype | None = None) -> None:
-    """Run ``module`` on every batch (statistics are gathered by its observers), its ops in
-    ``compute_dtype`` (:mod:`compiler.precision`)."""
+def _run_batches(module: torch.nn.Module, batches: list[torch.Tensor], progress: bool) -> None:
+    """Run ``module`` on every batch (statistics are gathered by its observers)."""
     it: Iterable[torch.Tensor] = batches
     if progress:
         from tqdm.auto import tqdm
 
         it = tqdm(batches, desc="activation stats", unit="batch")
-    with torch.no_grad(), calibration_autocast(compute_dtype):
+    with torch.no_grad():
         for b in it:
             module(b)
 
@@ -541,7 +539,8 @@ def collect_stats(
 
     inst = _instrumented_copy(gm, accs)
     release_free_memory()
-    _run_batches(inst, batches, progress, compute_dtype)
+    with calibration_autocast(compute_dtype):  # the graph's ops; observers opt out
+        _run_batches(inst, batches, progress)
     tensors = {node.name: acc.result() for node, acc in accs.items()}
     table = StatsTable(tensors, site_to_tensor)
     log.info(
