@@ -92,6 +92,12 @@ class Pass:
         then takes them for it; see :attr:`PassContext.upcoming`."""
         return False
 
+    def weight_group_size(self) -> int | None:
+        """The input-channel group length this pass quantizes weights with (None: no weights
+        group-wise). A pass before it that sets widths (SliceGPT) warns, before its own work,
+        when that group length will not divide them; see :attr:`PassContext.upcoming`."""
+        return None
+
     def check_not_quantized(self, gm: fx.GraphModule, ctx: PassContext | None, advice: str) -> None:
         """Raise PreconditionError if a pass that forbids ``quantized`` meets Q/DQ nodes.
 

@@ -343,6 +343,9 @@ class AWQ(Pass):
                   for a in todo if a.node not in visitor.done]
         return [a for a in todo if a.node in visitor.done], notes, visitor
 
+    def weight_group_size(self) -> int | None:
+        return self._spec.group_size
+
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
         # decide (scales and clips, folded into the float parameters block by block)

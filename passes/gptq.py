@@ -259,6 +259,9 @@ class GPTQ(Pass):
         self.exclude = site_patterns(exclude, "exclude")
         self.quantize_lm_head = quantize_lm_head
 
+    def weight_group_size(self) -> int | None:
+        return self._spec.group_size
+
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx or PassContext()
         self.check_not_quantized(gm, ctx, "run gptq on the float graph (before insert_qdq)")

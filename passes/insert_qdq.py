@@ -308,6 +308,9 @@ class InsertQDQ(Pass):
         tables = {"sensitivity": ranking} if ranking else {}
         return PassResult(gm, True, frozenset(), stats, notes, tables)
 
+    def weight_group_size(self) -> int | None:
+        return self._spec.weight.group_size if self._spec.weight is not None else None
+
     def wants_histograms(self) -> bool:
         """Static activation scales from mse / percentile ranges or a noise ranking."""
         act = self._spec.activation

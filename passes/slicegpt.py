@@ -103,6 +103,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 
 import torch
 from torch import fx
@@ -679,6 +680,7 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
         slice_head = True  # the head reads the sliced table
     table = None if tie is None else ir.get_param(gm, tie[0].args[0]).detach().clone()
     key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
+    _warn_group_sizes(ctx, who, width, d, round_to)
     if calibration == "sequential":
         group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who)
         labels = {}
@@ -739,6 +741,20 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     log.info("%s: hidden %d -> %d, %d bases, %d shortcuts, params %d -> %d", who, d, width,
              stats["bases"], stats["shortcuts"], params_before, stats["params_after"])
     return PassResult(gm, True, frozenset(), stats, notes)
+
+
+def _warn_group_sizes(ctx: PassContext, who: str, width: int, d: int, round_to: int) -> None:
+    """Warn, before the sweep, when a later pass quantizes weights in groups that the sliced
+    width will not divide (it would refuse the stream's readers, naming them, after this pass
+    has run)."""
+    for p in ctx.upcoming or ():
+        g = p.weight_group_size()
+        if g and width != d and width % g:
+            fit = max(g, (width // g) * g)
+            warnings.warn(f"{who}: the sliced width {width} is no multiple of {p.name}'s "
+                          f"group_size {g}: {p.name} will refuse the linears reading the "
+                          f"stream; round_to={math.lcm(round_to, g)} slices to {fit}, or give "
+                          f"{p.name} a group size dividing {width}", stacklevel=2)
 
 
 def _cumulative(eigenvalues: torch.Tensor, points: int = 256) -> list[float]:

@@ -579,3 +579,24 @@ def test_quantization_leaves_shortcuts_and_tie_maps_float_unless_included(probe_
     res2 = InsertQDQ(scheme="w8a8", include=[site, "*_proj"]).run(
         q2, _ctx(calib_batches, probe_ids))
     assert res2.stats["linears_quantized"] == res.stats["linears_quantized"] + named
+
+
+def test_a_later_group_quantizer_that_will_not_divide_the_width_is_warned_before_the_sweep(
+        calib_batches):
+    """tiny-llama: hidden 64, 25% -> 48, which W4 groups of 32 do not divide."""
+    import compiler
+    from compiler.errors import FxCompressError
+
+    with pytest.warns(UserWarning, match=r"sliced width 48 is no multiple of insert_qdq's "
+                                         r"group_size 32.*round_to=32 slices to 32"):
+        with pytest.raises(FxCompressError, match="group_size"):
+            compiler.compile("tiny-llama", ["slicegpt(sparsity=0.25)",
+                                            "insert_qdq(scheme='w4a16', group_size=32)"],
+                             calibration=calib_batches, report_data=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*sliced width")  # the groups divide it
+        compiler.compile("tiny-llama", ["slicegpt(sparsity=0.25, round_to=32)",
+                                        "insert_qdq(scheme='w4a16', group_size=32)"],
+                         calibration=calib_batches, report_data=False)
