@@ -47,6 +47,13 @@ mutation. The graph is first brought to the rotation-invariant form
 With ``calibration="sequential"`` every norm must read the stream at a residual cut (true of
 pre-norm and parallel blocks); otherwise ``PassError`` names the norm (use ``"once"``).
 
+Quantization after it: the linears this pass creates (shortcuts, the tied head's adapter, the
+embedding's map) are marked to stay float (``compiler.ir.KEEP_FLOAT``; a shortcut reads the
+residual stream, whose outlier channels one int8 scale cannot hold: on SmolLM2 quantizing them
+took slicegpt + smoothquant + w8a8 to 1174 perplexity, against 13.85 float), and a later pass
+quantizing weights in groups that the sliced width does not divide is warned about before the
+sweep (it would refuse the stream's readers afterwards).
+
 Preconditions: ``canonical``; ``calibrated`` (covariance of every norm output); not yet
 quantized (the pass manager rejects it after ``insert_qdq``). ``SliceGPTRotate``
 is exact; ``SliceGPT`` is lossy. Both establish ``rotation_invariant``. A second
