@@ -592,11 +592,11 @@ def test_a_later_group_quantizer_that_will_not_divide_the_width_is_warned_before
         with pytest.raises(FxCompressError, match="group_size"):
             compiler.compile("tiny-llama", ["slicegpt(sparsity=0.25)",
                                             "insert_qdq(scheme='w4a16', group_size=32)"],
-                             calibration=calib_batches, report_data=False)
+                             calibration=calib_batches, report_data=False, verify=False)
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*sliced width")  # the groups divide it
         compiler.compile("tiny-llama", ["slicegpt(sparsity=0.25, round_to=32)",
                                         "insert_qdq(scheme='w4a16', group_size=32)"],
-                         calibration=calib_batches, report_data=False)
+                         calibration=calib_batches, report_data=False, verify=False)
