@@ -567,9 +567,8 @@ def run_blockwise(
                 out = runner.run(block, i, observe=cbs, until=until)
                 if not block.epilogue and propagate == "original":
                     outs.append(runner._store(out))
-        runner.clear_casts()  # the transform may have changed parameters in place
         visitor.transform(block, runner)
-        runner.clear_casts()
+        runner.clear_casts()  # the transform may have changed parameters in place
         if block.epilogue:
             break
         if propagate == "transformed":

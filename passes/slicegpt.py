@@ -341,9 +341,6 @@ class SequentialBases(BlockVisitor):
             return key
         return f"block{unit.layer}"
 
-    def _q(self, key: str) -> torch.Tensor:
-        return self.bases[self.group_of_key[key]][1][:, :self.widths[key]]
-
     def _p(self, key: str) -> torch.Tensor:
         """The directions ``key``'s stream drops (``[d, d - k]``, float32, for
         :func:`project`), cached per basis estimate."""
@@ -687,7 +684,7 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
         slice_head = True  # the head reads the sliced table
     table = None if tie is None else ir.get_param(gm, tie[0].args[0]).detach().clone()
     key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
-    _warn_group_sizes(ctx, who, width, d, round_to)
+    _warn_group_sizes(ctx, who, width, d, sparsity, round_to)
     if calibration == "sequential":
         group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who)
         labels = {}
@@ -750,17 +747,20 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     return PassResult(gm, True, frozenset(), stats, notes)
 
 
-def _warn_group_sizes(ctx: PassContext, who: str, width: int, d: int, round_to: int) -> None:
+def _warn_group_sizes(ctx: PassContext, who: str, width: int, d: int, sparsity: float | None,
+                      round_to: int) -> None:
     """Warn, before the sweep, when a later pass quantizes weights in groups that the sliced
     width will not divide (it would refuse the stream's readers, naming them, after this pass
     has run)."""
     for p in ctx.upcoming or ():
         g = p.weight_group_size()
-        if g and width != d and width % g:
-            fit = max(g, (width // g) * g)
+        if g and width != d and sparsity is not None and width % g:
+            fits = math.lcm(round_to, g)
+            fix = (f"round_to={fits} slices to {sliced_width(d, sparsity, fits)}, or "
+                   if fits <= d else "")
             warnings.warn(f"{who}: the sliced width {width} is no multiple of {p.name}'s "
                           f"group_size {g}: {p.name} will refuse the linears reading the "
-                          f"stream; round_to={math.lcm(round_to, g)} slices to {fit}, or give "
+                          f"stream; {fix}give "
                           f"{p.name} a group size dividing {width}", stacklevel=2)
 
 
