@@ -76,7 +76,7 @@ def test_statistics_runs_compute_in_the_calibration_dtype_and_keep_their_own_cac
     f32 = collect_stats(gm, [probe_ids], sites=[site])[site]
     b16 = collect_stats(gm, [probe_ids], sites=[site], compute_dtype=BF16)[site]
     assert _is_bf16_exact(b16.absmax.float()) and not torch.equal(b16.absmax, f32.absmax)
-    torch.testing.assert_close(b16.absmax, f32.absmax, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(b16.absmax, f32.absmax, rtol=1e-2, atol=0)  # measured 0.6%
     keys = {_cache_key(gm, [probe_ids], [site], [], [], d) for d in (None, BF16)}
     assert len(keys) == 2
 
@@ -93,13 +93,14 @@ def test_a_pipeline_compiles_with_bfloat16_calibration_and_is_still_checked(cali
     with torch.no_grad():
         a, b = cm(ids), ref(ids)
     assert not torch.equal(a, b)  # the calibration precision reached the decisions
-    assert float((a - b).abs().max()) < 0.1 * float(b.abs().max())
+    assert float((a - b).abs().max()) < 0.03 * float(b.abs().max())  # measured 1.95%
 
 
 @needs_stories
 def test_bfloat16_calibration_keeps_slicegpt_quality_on_stories260k():
-    """Quality gate: SliceGPT at 25% calibrated in bfloat16 is within 1% of the perplexity of
-    float32 calibration (measured: 18.187 against 18.193 on the full protocol, README)."""
+    """Quality gate: SliceGPT at 25% calibrated in bfloat16 is within 0.2% of the perplexity of
+    float32 calibration (measured here 18.688 against 18.695, -0.04%; on the full protocol
+    18.187 against 18.193, README)."""
     from compiler.data import calibration_batches, evaluation_windows
     from compiler.evaluate import perplexity
 
@@ -110,7 +111,7 @@ def test_bfloat16_calibration_keeps_slicegpt_quality_on_stories260k():
         cm = compiler.compile(stories_model(), ["slicegpt(sparsity=0.25)"], calibration=calib,
                               calibration_dtype=dtype, report_data=False)
         ppl[dtype] = perplexity(cm.graph_module, windows, progress=False).ppl
-    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.01)
+    assert ppl["bfloat16"] == pytest.approx(ppl["float32"], rel=0.002)
     assert ppl["bfloat16"] != ppl["float32"]
 
 
