@@ -9,7 +9,8 @@ Protocol (``shared/BENCHMARKS.md``, TinyStories): the evaluation half in windows
 
 Each pipeline is compiled twice through ``compiler.compile`` from the same model, once per
 calibration dtype, and the compiled graph is evaluated in float32 (Q/DQ simulated by the
-``quantized_decomposed`` ops). Pipelines: ``slicegpt(sparsity=0.25)``; issue 13's
+``quantized_decomposed`` ops). Pipelines: ``slicegpt(sparsity=0.25)``, also with
+``rerun_attention=False`` (the cheaper sequential calibration); issue 13's
 ``slicegpt(sparsity=0.25), smoothquant(alpha=0.5), insert_qdq(scheme=w8a8)``; GPTQ and AWQ at
 4 bits (group 32 with ``down_proj`` left float on stories260K, as in issue 13's table; group 64
 on SmolLM2, whose width 576 is not a multiple of 128).
@@ -45,6 +46,7 @@ def pipelines(model: str) -> dict[str, list[str]]:
     w4 = "group_size=32, exclude=['*down_proj']" if model == "stories260K" else "group_size=64"
     return {
         "slicegpt25": [SLICE],
+        "slicegpt25-norerun": ["slicegpt(sparsity=0.25, rerun_attention=False)"],
         "slicegpt25+sq0.5+w8a8": [SLICE, "smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"],
         "gptq_w4": [f"gptq(bits=4, {w4})"],
         "awq_w4": [f"awq(bits=4, {w4})"],

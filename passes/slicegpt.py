@@ -76,6 +76,14 @@ Hyper-parameters:
         of the dense model's: 84.7% global, 88.3% per_norm (78.6% / 82.0% with
         ``slice_head=True``), 75.0% the former single basis.
     calibration ("sequential" | "once", default "sequential"): see above.
+    rerun_attention (bool, default True; SliceGPT with ``basis="global"`` and
+        ``calibration="sequential"`` only): re-run each block's attention half once its basis
+        is re-estimated with the MLP's covariance. ``False`` moves the attention half's output
+        to the new basis on the skip path only (``y + x Q_d Q_d^T``, the directions the first
+        estimate dropped; the attention itself keeps the input the first estimate projected):
+        every unit then runs once, as with ``per_norm``, about a fifth less calibration time
+        on the 134M model; perplexity at 25% 18.29 against 18.19 on stories260K, 12.86 against
+        12.83 on SmolLM2 (README).
     slice_head (bool, default False; SliceGPT only): also slice the stream the final norm and
         the LM head read. The official code leaves it whole (``do_slice_head=False``): the last
         block writes the full width ``d`` (its shortcut maps ``k -> d``), the head keeps its
@@ -289,7 +297,8 @@ class SequentialBases(BlockVisitor):
     next unit runs on what the sliced model computes (see the module docstring). A group is one
     cut (``per_norm``) or a decoder block (``global``): for a group's later cuts the basis is
     re-estimated from the group's summed covariances and the group's earlier units are re-run
-    from their stored inputs with it.
+    from their stored inputs with it (``rerun=False``: a group's one earlier unit is moved to
+    the new estimate on its skip path only, :meth:`_correct`).
 
     Attributes:
         bases: group name -> ``(eigenvalues [d], Q [d, d])`` float64.
@@ -297,8 +306,9 @@ class SequentialBases(BlockVisitor):
     """
 
     def __init__(self, rs: ResidualStream, keys: dict[int, str], basis: str,
-                 widths: dict[str, int]) -> None:
+                 widths: dict[str, int], rerun: bool = True) -> None:
         self.rs = rs
+        self.rerun = rerun
         self.keys = keys
         self.basis = basis
         self.widths = widths  # key -> kept width
@@ -369,12 +379,26 @@ class SequentialBases(BlockVisitor):
                 self.bases[group] = pca_basis(self._group_cov / self._group_cov.trace())
             else:
                 self._group_cov = self._group_cov + cov
-                self._replay(runner)  # re-estimates the group's basis first
+                if self.rerun or len(self._group_units) != 1:
+                    self._replay(runner)  # re-estimates the group's basis first
+                else:
+                    self._correct(runner)  # likewise
             self.group_of_key[key] = group
         self._group_units.append(block)
         if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
             p = self._p(key)
             runner.replace_inputs([project(x, p) for x in runner.inputs])
+
+    def _correct(self, runner: BlockRunner) -> None:
+        """Move the open group's one earlier unit to the group's new basis estimate on its skip
+        path only: its output ``y = x P_old + f(x P_old)`` becomes ``y + x Q_d Q_d^T`` (``Q_d``
+        the directions the old estimate dropped), which the new projection that follows in
+        :meth:`transform` takes to ``x P_new + f(x P_old) P_new``; ``f`` keeps its input."""
+        drop = self._p(self._key(self._group_units[0]))  # before the estimate changes
+        self.bases[self._group] = pca_basis(self._group_cov / self._group_cov.trace())
+        if drop.shape[1]:
+            runner.replace_inputs([y + (x @ drop.to(x.dtype)) @ drop.T.to(x.dtype)
+                                   for x, y in zip(self._group_inputs, runner.inputs)])
 
     def _replay(self, runner: BlockRunner) -> None:
         """Re-run the open group's earlier units with its current basis estimate."""
@@ -391,7 +415,8 @@ class SequentialBases(BlockVisitor):
 
 
 def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
-                     keys: dict[int, str], basis: str, widths: dict[str, int], who: str
+                     keys: dict[int, str], basis: str, widths: dict[str, int], who: str,
+                     rerun: bool = True
                      ) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Decide the bases by sequential calibration (one sweep of the block engine).
 
@@ -401,6 +426,8 @@ def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
         rs, keys: its residual stream and stream id -> basis key (:func:`basis_keys`).
         basis: ``"per_norm"`` or ``"global"`` (one basis per decoder block).
         widths: basis key -> kept width.
+        rerun: re-run a ``global`` group's earlier units when its basis is re-estimated
+            (else :meth:`SequentialBases._correct`).
 
     Returns:
         ``(key -> basis name, basis name -> Q [d, d], basis name -> eigenvalues [d])``.
@@ -408,7 +435,7 @@ def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
     Raises:
         PassError: a norm does not read the stream at a residual cut.
     """
-    visitor = SequentialBases(rs, keys, basis, widths)
+    visitor = SequentialBases(rs, keys, basis, widths, rerun)
     run_blockwise(gm, ctx.require_calibration(who), visitor, propagate="transformed",
                   progress=ctx.progress, desc=who, unit="segment",
                   compute_dtype=ctx.calibration_dtype)
@@ -654,7 +681,7 @@ def _resize(arg, d: int, k: int):
 def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
                    sparsity: float | None, round_to: int, who: str,
                    calibration: str = "sequential", slice_head: bool = True,
-                   tied: str = "untie") -> PassResult:
+                   tied: str = "untie", rerun_attention: bool = True) -> PassResult:
     """Shared body of :class:`SliceGPTRotate` (``sparsity=None``) and :class:`SliceGPT`."""
     if ctx is None:
         raise PreconditionError(f"{who} needs calibration data; run it through compile() with "
@@ -686,7 +713,8 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
     _warn_group_sizes(ctx, who, width, d, sparsity, round_to)
     if calibration == "sequential":
-        group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who)
+        group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who,
+                                               rerun_attention)
         labels = {}
         for k, g in group_of.items():
             labels.setdefault(g, []).append(k)
@@ -815,7 +843,7 @@ class SliceGPT(Pass):
 
     def __init__(self, *, sparsity: float = 0.25, round_to: int = 8, basis: str = "global",
                  calibration: str = "sequential", slice_head: bool = False,
-                 tied_head: str = "whole_table"):
+                 tied_head: str = "whole_table", rerun_attention: bool = True):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
                 or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f"slicegpt: sparsity must be a number in [0, 1), got {sparsity!r}")
@@ -824,19 +852,27 @@ class SliceGPT(Pass):
         _check_basis(self.name, basis, calibration, tied_head)
         if not isinstance(slice_head, bool):
             raise ValueError(f"slicegpt: slice_head must be a bool, got {slice_head!r}")
+        if not isinstance(rerun_attention, bool):
+            raise ValueError(f"slicegpt: rerun_attention must be a bool, got {rerun_attention!r}")
+        if not rerun_attention and (basis, calibration) != ("global", "sequential"):
+            raise ValueError(f"slicegpt: rerun_attention=False applies to basis='global' with "
+                             f"calibration='sequential' only (got basis={basis!r}, "
+                             f"calibration={calibration!r}): the other modes run each "
+                             "attention half once already")
         self.sparsity = float(sparsity)
         self.round_to = round_to
         self.basis = basis
         self.calibration = calibration
         self.slice_head = slice_head
         self.tied_head = tied_head
+        self.rerun_attention = rerun_attention
 
     def run(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         self.check_not_quantized(gm, ctx, "slice before quantizing")
         return slice_residual(gm, ctx, basis=self.basis, sparsity=self.sparsity,
                               round_to=self.round_to, who=self.name,
                               calibration=self.calibration, slice_head=self.slice_head,
-                              tied=self.tied_head)
+                              tied=self.tied_head, rerun_attention=self.rerun_attention)
 
 
 __all__ = [
