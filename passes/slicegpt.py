@@ -475,6 +475,9 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
     d = rs.width
     widths = width if isinstance(width, dict) else dict.fromkeys(bases, width)
     q = {name: b[:, :widths[name]] for name, b in bases.items()}
+    eye = torch.eye(d, dtype=torch.float64)
+    # whole identity bases change no parameter: their products are skipped
+    fixed = {name for name, b in q.items() if b.shape == eye.shape and torch.equal(b.double(), eye)}
     stats = dict.fromkeys(("tables", "writers", "readers", "shortcuts", "norms", "shape_ops"), 0)
     # A parameter may be both a writer and a reader (a shortcut from an earlier rotation):
     # each side is transformed once.
@@ -491,11 +494,13 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
         w = src.args[0]
         if ir.param_node(w) is None:
             raise PassError(f"embedding {src.name} at {ir.site(src)}: table is not a parameter")
-        if once(w, "table"):
+        if keys[rs.stream[src]] not in fixed and once(w, "table"):
             _set(gm, w, ir.get_param(gm, w).double() @ q[keys[rs.stream[src]]])
             stats["tables"] += 1
     for wr in rs.writers:
         _, wn, bn = ir.linear_parts(wr)
+        if keys[rs.stream[wr]] in fixed:
+            continue
         qk = q[keys[rs.stream[wr]]]
         if once(wn, "out"):
             _set(gm, wn, qk.T @ ir.get_param(gm, wn).double())  # W: [d, in] -> [k, in]
@@ -507,6 +512,8 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             continue
         _, wn, _ = ir.linear_parts(r)
         s_in = rs.stream[r.args[0]]
+        if keys[s_in] in fixed:
+            continue
         factor = math.sqrt(d / widths[keys[s_in]]) if s_in in rs.norm_of_stream else 1.0
         if once(wn, "in"):
             _set(gm, wn, ir.get_param(gm, wn).double() @ q[keys[s_in]] * factor)  # W: [out, k]
@@ -735,6 +742,12 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
             labels[first] = ["global (all norm inputs)"]
     keys = {s: group_of[k] for s, k in keys.items()}
     widths = {group_of[k]: w for k, w in key_width.items()}
+    if width < d:
+        # A basis keeping every direction (the head's stream when it stays whole) may be any
+        # orthogonal one: the identity leaves its readers and writers as they are (exact, and
+        # no [V, d] x [d, d] product for an LM head); its shortcut maps the last block's basis.
+        for g in [g for g, w in widths.items() if w == d]:
+            bases[g] = torch.eye(d, dtype=torch.float64)
     kept = {n: float(v[:widths[n]].clamp(min=0).sum() / v.clamp(min=0).sum())
             for n, v in eig.items()}
     # mutate
