@@ -127,7 +127,8 @@ def log2_histogram(x: torch.Tensor) -> torch.Tensor:
     """``[HIST_BINS]`` float64 counts of ``log2 |x|`` over every element of ``x``, in the fixed
     bins of :func:`hist_bin_edges` (zeros and values below ``2**HIST_LOG2_MIN`` fall in the
     first bin), so histograms of different batches add up exactly."""
-    lg = torch.log2(x.detach().abs().float().clamp(min=2.0 ** HIST_LOG2_MIN))
+    lg = x.detach().abs().float()  # a new tensor: the clamp and the log2 run in place
+    lg.clamp_(min=2.0 ** HIST_LOG2_MIN).log2_()
     return torch.histc(lg, HIST_BINS, HIST_LOG2_MIN, HIST_LOG2_MAX).to(torch.float64)
 
 
