@@ -299,8 +299,19 @@ class _Recorder(fx.Interpreter):
         self.want_absmax, self.want_keep = set(absmax), set(keep)
         self.absmax: dict[str, torch.Tensor] = {}
         self.values: dict[str, torch.Tensor] = {}
+        # only what the wanted nodes read is run (not an LM head whose logits nobody reads)
+        wanted = self.want_absmax | self.want_keep
+        todo = [n for n in gm.graph.nodes if n.name in wanted]
+        self.needed: set[fx.Node] = set()
+        while todo:
+            n = todo.pop()
+            if n not in self.needed:
+                self.needed.add(n)
+                todo.extend(n.all_input_nodes)
 
     def run_node(self, n: fx.Node) -> Any:
+        if n not in self.needed and n.op not in ("placeholder", "output"):
+            return None
         out = super().run_node(n)
         if not isinstance(out, torch.Tensor):
             return out

@@ -237,3 +237,32 @@ def test_perplexity_before_and_after_every_pass(calib):
     assert sq["after"] == pytest.approx(sq["before"], rel=1e-4)  # exact pass
     assert qdq["before"] == sq["after"] and qdq["data"] == "random ids"
     assert qdq["after"] == pytest.approx(perplexity(gm, windows).ppl, rel=1e-6)
+
+
+def test_recorder_runs_only_what_its_nodes_read():
+    """The sample run skips the nodes no wanted value depends on (the LM head's logits), and
+    the wanted values are the full run's."""
+    from compiler.report_capture import _Recorder
+
+    gm = canonicalize(tiny_graph("llama"))
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    linears = [n for n in gm.graph.nodes if ir.is_op(n, ir.LINEAR)]
+    head, first = linears[-1], linears[0]
+    wanted = {head.args[0].name, first.args[0].name}
+    full = {}
+
+    class Full(torch.fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n.name in wanted:
+                full[n.name] = v.detach().reshape(-1, v.shape[-1]).abs().amax(0)
+            return v
+
+    with torch.no_grad():
+        Full(gm).run(ids)
+        rec = _Recorder(gm, wanted, keep={first.name})
+        out = rec.run(ids)
+    assert out is None and head not in rec.needed  # the logits were not computed
+    for name in wanted:
+        assert torch.equal(rec.absmax[name], full[name])
+    assert rec.values[first.name].shape[-1] == ir.get_param(gm, first.args[1]).shape[0]
