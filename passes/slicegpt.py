@@ -82,8 +82,8 @@ Hyper-parameters:
         to the new basis on the skip path only (``y + x Q_d Q_d^T``, the directions the first
         estimate dropped; the attention itself keeps the input the first estimate projected):
         every unit then runs once, as with ``per_norm`` (SliceGPT 13-32% faster on the 134M
-        model in two paired runs); perplexity at 25% 18.29 against 18.19 on stories260K, 12.86 against
-        12.83 on SmolLM2 (README).
+        model in two paired runs); perplexity at 25% 18.29 against 18.19 on stories260K,
+        12.86 against 12.83 on SmolLM2 (README).
     slice_head (bool, default False; SliceGPT only): also slice the stream the final norm and
         the LM head read. The official code leaves it whole (``do_slice_head=False``): the last
         block writes the full width ``d`` (its shortcut maps ``k -> d``), the head keeps its
@@ -376,18 +376,23 @@ class SequentialBases(BlockVisitor):
             if group != self._group:  # a new group starts at this unit
                 self._group, self._group_cov = group, cov
                 self._group_units, self._group_inputs = [], list(runner.inputs)
-                self.bases[group] = pca_basis(self._group_cov / self._group_cov.trace())
+                self._estimate()
             else:
                 self._group_cov = self._group_cov + cov
+                # each re-estimates the group's basis first
                 if self.rerun or len(self._group_units) != 1:
-                    self._replay(runner)  # re-estimates the group's basis first
+                    self._replay(runner)
                 else:
-                    self._correct(runner)  # likewise
+                    self._correct(runner)
             self.group_of_key[key] = group
         self._group_units.append(block)
         if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
             p = self._p(key)
             runner.replace_inputs([project(x, p) for x in runner.inputs])
+
+    def _estimate(self) -> None:
+        """The open group's basis from its summed covariances so far."""
+        self.bases[self._group] = pca_basis(self._group_cov / self._group_cov.trace())
 
     def _correct(self, runner: BlockRunner) -> None:
         """Move the open group's one earlier unit to the group's new basis estimate on its skip
@@ -395,14 +400,14 @@ class SequentialBases(BlockVisitor):
         the directions the old estimate dropped), which the new projection that follows in
         :meth:`transform` takes to ``x P_new + f(x P_old) P_new``; ``f`` keeps its input."""
         drop = self._p(self._key(self._group_units[0]))  # before the estimate changes
-        self.bases[self._group] = pca_basis(self._group_cov / self._group_cov.trace())
+        self._estimate()
         if drop.shape[1]:
             runner.replace_inputs([y + (x @ drop.to(x.dtype)) @ drop.T.to(x.dtype)
                                    for x, y in zip(self._group_inputs, runner.inputs)])
 
     def _replay(self, runner: BlockRunner) -> None:
         """Re-run the open group's earlier units with its current basis estimate."""
-        self.bases[self._group] = pca_basis(self._group_cov / self._group_cov.trace())
+        self._estimate()
         xs = []
         for i, x in enumerate(self._group_inputs):
             for unit in self._group_units:
@@ -477,7 +482,7 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
     q = {name: b[:, :widths[name]] for name, b in bases.items()}
     eye = torch.eye(d, dtype=torch.float64)
     # whole identity bases change no parameter: their products are skipped
-    fixed = {name for name, b in q.items() if b.shape == eye.shape and torch.equal(b.double(), eye)}
+    fixed = {name for name, b in q.items() if b.shape == eye.shape and torch.equal(b, eye)}
     stats = dict.fromkeys(("tables", "writers", "readers", "shortcuts", "norms", "shape_ops"), 0)
     # A parameter may be both a writer and a reader (a shortcut from an earlier rotation):
     # each side is transformed once.
@@ -499,9 +504,10 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             stats["tables"] += 1
     for wr in rs.writers:
         _, wn, bn = ir.linear_parts(wr)
-        if keys[rs.stream[wr]] in fixed:
+        kw = keys[rs.stream[wr]]
+        if kw in fixed:
             continue
-        qk = q[keys[rs.stream[wr]]]
+        qk = q[kw]
         if once(wn, "out"):
             _set(gm, wn, qk.T @ ir.get_param(gm, wn).double())  # W: [d, in] -> [k, in]
             stats["writers"] += 1

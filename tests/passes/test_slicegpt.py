@@ -275,7 +275,8 @@ def test_skip_path_correction_moves_the_earlier_unit_to_the_new_basis():
     p_new = q_new[:, :k] @ q_new[:, :k].T
     for xi, fi, got in zip(x, f, runner.inputs):
         want = (xi.double() + fi.double()) @ p_new
-        torch.testing.assert_close(project(got, v._p("n")).double(), want, atol=1e-5, rtol=0)
+        # float32 projections of values up to 12: measured <= 1.5e-6
+        torch.testing.assert_close(project(got, v._p("n")).double(), want, atol=3e-6, rtol=0)
 
 
 def test_without_the_attention_rerun_each_unit_runs_once_per_batch(probe_ids, calib_batches,
@@ -302,7 +303,7 @@ def test_without_the_attention_rerun_each_unit_runs_once_per_batch(probe_ids, ca
     layers, batches = 2, len(calib_batches)
     assert runs[True] - runs[False] == layers * batches
     rel = float((out[False] - out[True]).norm() / out[True].norm())
-    assert 0 < rel < 0.05, rel  # measured 1.6%
+    assert 0 < rel < 0.02, rel  # measured 1.6%
 
 
 def test_sequential_calibration_needs_every_norm_at_a_residual_cut(probe_ids, calib_batches,
