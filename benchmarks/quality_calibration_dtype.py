@@ -47,6 +47,8 @@ def pipelines(model: str) -> dict[str, list[str]]:
     return {
         "slicegpt25": [SLICE],
         "slicegpt25-norerun": ["slicegpt(sparsity=0.25, rerun_attention=False)"],
+        "slicegpt25-norerun+sq0.5+w8a8": ["slicegpt(sparsity=0.25, rerun_attention=False)",
+                                          "smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"],
         "slicegpt25+sq0.5+w8a8": [SLICE, "smoothquant(alpha=0.5)", "insert_qdq(scheme='w8a8')"],
         "gptq_w4": [f"gptq(bits=4, {w4})"],
         "awq_w4": [f"awq(bits=4, {w4})"],
