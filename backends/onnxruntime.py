@@ -184,8 +184,10 @@ def _to_onnx_program(gm, examples, opset, table, optimize, path, names=(None,) *
     n_out = _num_outputs(ep)
     input_names = list(in_names) if in_names else [INPUT_NAME] if len(examples) == 1 else None
     output_names = list(out_names) if out_names else [OUTPUT_NAME] if n_out == 1 else None
+    from backends.onnx_direct import reusing_torchlib_registry
+
     try:
-        with _quiet():
+        with _quiet(), reusing_torchlib_registry():
             program = torch.onnx.export(
                 ep,
                 tuple(examples),

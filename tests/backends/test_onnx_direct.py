@@ -171,3 +171,24 @@ def test_export_routes_benchmark_on_a_tiny_model():
         assert r["same_ops"]
         assert r["ort_direct_vs_standard"] < 1e-4
     assert rows[0]["ort_direct_vs_graph"] < 1e-4
+
+
+def test_the_torchlib_registry_is_built_once_and_custom_ops_stay_in_their_export(tmp_path):
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    torch_built = ONNXRegistry.__dict__["from_torchlib"]
+    onnx_direct._REGISTRIES.clear()
+    op = torch.ops.aten.add.Tensor
+    with onnx_direct.reusing_torchlib_registry():
+        first = ONNXRegistry.from_torchlib(opset_version=18)
+        first.register_op(op, lambda a, b: a)  # as a custom translation table does
+        second = ONNXRegistry.from_torchlib(opset_version=18)
+        assert list(onnx_direct._REGISTRIES) == [18]  # built once
+        assert first.get_decomps(op)[0].is_custom and not second.get_decomps(op)[0].is_custom
+        assert second.opset_version == 18 and second.functions.keys() == first.functions.keys()
+    assert ONNXRegistry.__dict__["from_torchlib"] is torch_built
+    # two exports through the reused registry write the same model
+    gm = tiny_compiled("llama").graph_module
+    paths = [export_onnx(gm, tmp_path / f"{i}.onnx") for i in range(2)]
+    a, b = (onnx.load(str(p)) for p in paths)
+    assert a.graph.SerializeToString() == b.graph.SerializeToString()
