@@ -675,3 +675,17 @@ def test_a_later_group_quantizer_that_will_not_divide_the_width_is_warned_before
         compiler.compile("tiny-llama", ["slicegpt(sparsity=0.25, round_to=32)",
                                         "insert_qdq(scheme='w4a16', group_size=32)"],
                          calibration=calib_batches, report_data=False, verify=False)
+
+
+def test_tie_gain_is_recovered_block_by_block_and_one_wrong_element_refuses_it():
+    from passes.slicegpt import _GAIN_ROWS, _gain_of
+
+    g0 = torch.Generator().manual_seed(0)
+    e = torch.randn(2 * _GAIN_ROWS + 77, 24, generator=g0)  # three blocks, the last one short
+    gain = torch.rand(24, dtype=torch.float64, generator=g0) + 0.5
+    w = (e.double() * gain).float()
+    # measured 9.5e-10 relative (the float32 rounding of w, averaged over the rows by the
+    # least squares); the check itself allows 4 float32 roundings per element
+    torch.testing.assert_close(_gain_of(w, e), gain, atol=0, rtol=1e-8)
+    w[-1, 5] *= 1 + 1e-5  # the last row of the last block, 1e-5 off: not E diag(g)
+    assert _gain_of(w, e) is None
