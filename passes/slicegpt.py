@@ -615,17 +615,18 @@ def _gain_of(w: torch.Tensor, e: torch.Tensor) -> torch.Tensor | None:
 
     In float64, one block of rows at a time: a float64 copy of SmolLM2's ``[49152, 576]`` table
     and its temporaries held at once came to about 1 GB."""
+    def blocks():
+        for i in range(0, w.shape[0], _GAIN_ROWS):
+            yield w[i:i + _GAIN_ROWS].double(), e[i:i + _GAIN_ROWS].double()
+
     num = torch.zeros(w.shape[1], dtype=torch.float64)
     den = torch.zeros_like(num)
-    blocks = range(0, w.shape[0], _GAIN_ROWS)
-    for i in blocks:
-        wb, eb = w[i:i + _GAIN_ROWS].double(), e[i:i + _GAIN_ROWS].double()
+    for wb, eb in blocks():
         num += (wb * eb).sum(0)
         den += (eb * eb).sum(0)
     g = num / den.clamp(min=1e-300)
     tol = 4 * torch.finfo(torch.float32).eps
-    for i in blocks:
-        wb, eb = w[i:i + _GAIN_ROWS].double(), e[i:i + _GAIN_ROWS].double()
+    for wb, eb in blocks():
         eg = eb * g
         if not bool(((wb - eg).abs() <= tol * eg.abs() + 1e-30).all()):
             return None
