@@ -271,6 +271,16 @@ class BlockVisitor:
     def transform(self, block: Block, runner: BlockRunner) -> None:
         """Decide how ``block`` changes (``runner.overrides`` or exact folds) after observation."""
 
+    def propagated(self, block: Block) -> Sequence[fx.Node]:
+        """Nodes of ``block`` whose values in the propagation run (the transformed block's run
+        that makes the next block's inputs, ``propagate="transformed"``) go to
+        :meth:`observe_propagated`."""
+        return ()
+
+    def observe_propagated(self, block: Block, node: fx.Node, value: torch.Tensor,
+                           batch: int) -> None:
+        """One batch's value of a node of :meth:`propagated`."""
+
 
 def _as_computed(x: torch.Tensor) -> torch.Tensor:
     """A stored (possibly compact) activation back in float32, as the blocks compute."""
@@ -572,7 +582,12 @@ def run_blockwise(
         if block.epilogue:
             break
         if propagate == "transformed":
-            outs = [runner._store(runner.run(block, i)) for i in range(len(batches))]
+            late = list(visitor.propagated(block))
+            outs = []
+            for i in range(len(batches)):
+                cbs = {n: (lambda v, n=n, i=i: visitor.observe_propagated(block, n, v, i))
+                       for n in late} or None
+                outs.append(runner._store(runner.run(block, i, observe=cbs)))
         runner.inputs = outs
         runner.clear_casts()  # holds one block's weights at most
         if block.index % TRIM_EVERY == TRIM_EVERY - 1:

@@ -98,6 +98,13 @@ class Pass:
         when that group length will not divide them; see :attr:`PassContext.upcoming`."""
         return None
 
+    def stats_request(self, gm: fx.GraphModule, ctx: PassContext) -> Any:
+        """What this pass would measure on its input graph, as a
+        :class:`compiler.stats.StatsRequest` the pass right before it may fill from its own
+        final block runs (none: this pass measures for itself). ``gm`` is that earlier pass's
+        working graph, whose nodes its output graph keeps. See :func:`request_of_next`."""
+        return None
+
     def check_not_quantized(self, gm: fx.GraphModule, ctx: PassContext | None, advice: str) -> None:
         """Raise PreconditionError if a pass that forbids ``quantized`` meets Q/DQ nodes.
 
@@ -277,6 +284,20 @@ class PassContext:
                 "(or --calib on the command line)"
             )
         return self.calibration
+
+
+#: ``PassContext.extra`` key of a filled :class:`compiler.stats.StatsRequest`
+HANDED_STATS = "handed_stats"
+
+
+def request_of_next(gm: fx.GraphModule, ctx: PassContext | None) -> Any:
+    """The statistics request of the pass that runs right after the current one (see
+    :meth:`Pass.stats_request`), or None. The current pass fills it during its sweep and leaves
+    it in ``ctx.extra[HANDED_STATS]``; the next pass takes it only if it made it and the graph
+    is the one the request was closed on."""
+    if ctx is None or not ctx.upcoming:
+        return None
+    return ctx.upcoming[0].stats_request(gm, ctx)
 
 
 ProgressFn = Callable[[Iterable], Iterable]

@@ -67,7 +67,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -609,6 +610,11 @@ class BlockStats:
         self._values: dict[fx.Node, list[torch.Tensor]] = {}
         self._final: dict[str, ChannelStats] = {}
 
+    @property
+    def tensors(self) -> list[fx.Node]:
+        """The observed tensors, in graph order."""
+        return list(self._tensors)
+
     def unreachable(self, blocks) -> list[str]:
         """Sites whose tensor no block of ``blocks`` computes or takes as its input."""
         seen = {n for b in blocks for n in b.nodes} | {b.input for b in blocks}
@@ -680,6 +686,45 @@ class BlockStats:
         """Every finished tensor's statistics (sites of unfinished tensors are left out)."""
         return StatsTable(dict(self._final), {s: t for s, t in self.site_to_tensor.items()
                                               if t in self._final})
+
+
+class StatsRequest:
+    """A later pass's order for statistics of an earlier pass's output graph, filled in the
+    earlier pass's own block sweep, so the later pass needs no sweep of its own.
+
+    Made by :meth:`compiler.pass_base.Pass.stats_request` on the earlier pass's working graph
+    (the output graph keeps its nodes). The earlier pass asks :meth:`tensors` which nodes of a
+    unit to hand over, runs the unit to its final values, and calls :meth:`take` once per unit
+    with every batch's value of each, in the output graph's coordinates, and a function giving
+    each linear's weight as the output graph will hold it (float64). When its output graph is
+    final it calls :meth:`close`; the later pass then :meth:`accepts` it only for that graph.
+    """
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self._graph: fx.Graph | None = None
+        self._nodes = -1
+
+    def nodes(self) -> list[fx.Node]:
+        """Every node whose values the request wants, in graph order."""
+        raise NotImplementedError
+
+    def tensors(self, block) -> list[fx.Node]:
+        """The nodes of ``block`` whose values :meth:`take` should get (asked once per unit)."""
+        raise NotImplementedError
+
+    def take(self, block, values: Mapping[fx.Node, list[torch.Tensor]],
+             weight_of: Callable[[fx.Node], torch.Tensor]) -> None:
+        """One unit's final values (per node, one tensor per batch) and its linears' weights."""
+        raise NotImplementedError
+
+    def close(self, gm: fx.GraphModule) -> None:
+        """Every unit was taken and ``gm`` is the output graph: the request is filled."""
+        self._graph, self._nodes = gm.graph, len(gm.graph.nodes)
+
+    def accepts(self, owner: Any, gm: fx.GraphModule) -> bool:
+        """True if ``owner`` made this request and ``gm`` is the graph it was closed on."""
+        return owner is self.owner and gm.graph is self._graph and len(gm.graph.nodes) == self._nodes
 
 
 def _as_list(sites: Iterable[str], what: str) -> list[str]:

@@ -35,6 +35,15 @@ differ only in how ``basis="global"`` shares bases (one for the stream, or one p
 shortcuts that buy nothing there), so ``SliceGPTRotate`` defaults to ``"once"``;
 ``SliceGPTRotate(calibration="sequential")`` is ``SliceGPT(sparsity=0)``.
 
+Statistics for the next pass: when the pass right after this one asks for statistics of its
+input graph (:meth:`compiler.pass_base.Pass.stats_request`: SmoothQuant does), the sequential
+sweep measures them from each unit's final run, mapped to the output graph's coordinates
+(:class:`_Handoff`), so the next pass runs no sweep of its own: on the 134M model of
+``benchmarks/bench_compile_time.py`` slicegpt + smoothquant + insert_qdq calibrate in one sweep
+instead of two. Not with ``rerun_attention=False`` (an attention half's last run is then not
+what the output graph computes) or where a linear reads the stream through anything but a norm
+(GPT-2's views): the next pass measures for itself there.
+
 Sites rewritten: the residual stream found by the channel dependency graph (see
 :func:`passes.rotation_invariant.residual_stream`): embedding tables, writers, readers, residual
 adds (shortcuts), norms and shape-only ops on the stream (their literal ``d`` becomes ``k``);
@@ -126,9 +135,9 @@ from torch import fx
 from compiler import ir
 from compiler.blockwise import Block, BlockRunner, BlockVisitor, run_blockwise
 from compiler.errors import PassError, PreconditionError
-from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.pass_base import HANDED_STATS, Pass, PassContext, PassResult, request_of_next
 from compiler.pass_manager import propagate_shapes
-from compiler.stats import ActivationStats, site_map
+from compiler.stats import ActivationStats, StatsRequest, site_map
 from passes.rotation_invariant import (
     ResidualStream,
     is_rotation_invariant,
@@ -306,8 +315,10 @@ class SequentialBases(BlockVisitor):
     """
 
     def __init__(self, rs: ResidualStream, keys: dict[int, str], basis: str,
-                 widths: dict[str, int], rerun: bool = True) -> None:
+                 widths: dict[str, int], rerun: bool = True, request=None,
+                 gm: fx.GraphModule | None = None) -> None:
         self.rs = rs
+        self.handoff = None if request is None else _Handoff(self, request, gm)
         self.rerun = rerun
         self.keys = keys
         self.basis = basis
@@ -374,6 +385,8 @@ class SequentialBases(BlockVisitor):
             group = self._group_name(runner, key)
             cov, self._cov = self._cov, None
             if group != self._group:  # a new group starts at this unit
+                if self.handoff is not None and self._group is not None:
+                    self.handoff.closed(self._group)
                 self._group, self._group_cov = group, cov
                 self._group_units, self._group_inputs = [], list(runner.inputs)
                 self._estimate()
@@ -386,9 +399,27 @@ class SequentialBases(BlockVisitor):
                     self._correct(runner)
             self.group_of_key[key] = group
         self._group_units.append(block)
+        if self.handoff is not None:
+            self.handoff.pending.append(block)
         if key in self.group_of_key:  # else: a cut before the norm reading it, unprojected
             p = self._p(key)
             runner.replace_inputs([project(x, p) for x in runner.inputs])
+
+    def propagated(self, block: Block) -> list[fx.Node]:
+        return [] if self.handoff is None else self.handoff.wanted(block)
+
+    def observe_propagated(self, block: Block, node: fx.Node, value: torch.Tensor,
+                           batch: int) -> None:
+        self.handoff.held[block.index][node][batch] = value
+
+    def final_q(self, key: str) -> torch.Tensor:
+        """``key``'s kept directions ``[d, k]`` (float64) as the output graph will hold them:
+        a basis keeping every direction of a sliced model is the identity there."""
+        q = self.bases[self.group_of_key[key]][1]
+        k = self.widths[key]
+        if k == q.shape[0] and any(w < k for w in self.widths.values()):
+            return torch.eye(k, dtype=torch.float64)
+        return q[:, :k]
 
     def _estimate(self) -> None:
         """The open group's basis from its summed covariances so far."""
@@ -414,14 +445,130 @@ class SequentialBases(BlockVisitor):
                 k = self._key(unit)
                 if k in self.group_of_key:
                     x = project(x, self._p(k))
-                x = runner.run(unit, i, x)
+                x = runner.run(unit, i, x, observe=None if self.handoff is None
+                               else self.handoff.observers(unit, i))
             xs.append(x)
         runner.replace_inputs(xs)
 
 
+class _Handoff:
+    """Fills the next pass's :class:`compiler.stats.StatsRequest` from the sweep's final runs.
+
+    A unit's values are final after its last run: the propagation run, or for a ``global``
+    block's attention half the replay with the block's basis. Values are held per unit (in the
+    unsliced coordinates the sweep computes in) until every basis the output graph's values and
+    weights need is final (its group closed: the next group started, or the sweep ended; a
+    block's ``down_proj`` writes the next block's basis, so the MLP half waits one block), then
+    handed over in the output graph's coordinates: a stream norm's output ``n`` becomes
+    ``sqrt(k/d) n Q_k`` (the sliced norm divides by ``k``), a reader's weight ``sqrt(d/k) W Q_k``,
+    a writer's ``Q_k^T W``, everything else as computed (see :func:`rotate_residual`)."""
+
+    def __init__(self, sweep: SequentialBases, request, gm: fx.GraphModule) -> None:
+        self.sweep, self.request, self.gm = sweep, request, gm
+        rs = sweep.rs
+        self.readers, self.writers = set(rs.readers), set(rs.writers)
+        self.norms = set(rs.norms)
+        self.held: dict[int, dict[fx.Node, dict[int, torch.Tensor]]] = {}
+        self._wanted: dict[int, list[fx.Node]] = {}
+        self.pending: list[Block] = []
+        self._closed: set[str] = set()
+        self.taken = 0
+
+    def wanted(self, block: Block) -> list[fx.Node]:
+        if block.index not in self._wanted:
+            # the epilogue never runs in this sweep (nothing after it reads the stream)
+            nodes = [] if block.epilogue else list(self.request.tensors(block))
+            self._wanted[block.index] = nodes
+        nodes = self._wanted[block.index]
+        self.held[block.index] = {n: {} for n in nodes}  # a new run replaces the last one's
+        return nodes
+
+    def observers(self, block: Block, batch: int) -> dict[fx.Node, Any]:
+        nodes = self.wanted(block) if batch == 0 else self._wanted[block.index]
+        held = self.held[block.index]
+        return {n: (lambda v, n=n: held[n].__setitem__(batch, v)) for n in nodes}
+
+    def _key_of(self, node: fx.Node) -> str:
+        return self.sweep.keys[self.sweep.rs.stream[node]]
+
+    def _keys_needed(self, block: Block) -> set[str]:
+        keys = set()
+        for n in self._wanted.get(block.index, ()):
+            if n in self.norms:
+                keys.add(self._key_of(n.args[0]))
+            for c in n.users:
+                if c in self.readers:
+                    keys.add(self._key_of(c.args[0]))
+                elif c in self.writers:
+                    keys.add(self._key_of(c))
+        return keys
+
+    def closed(self, group: str) -> None:
+        """``group``'s basis is final: hand over every unit that waited only for it."""
+        self._closed.add(group)
+        waiting = []
+        for block in self.pending:
+            keys = self._keys_needed(block)
+            if all(self.sweep.group_of_key.get(k) in self._closed for k in keys):
+                self._take(block)
+            else:
+                waiting.append(block)
+        self.pending = waiting
+
+    def _take(self, block: Block) -> None:
+        held = self.held.pop(block.index, {})
+        if not held:
+            return
+        d = self.sweep.rs.width
+        values = {}
+        for n, per_batch in held.items():
+            vs = [per_batch[i] for i in sorted(per_batch)]
+            if n in self.norms:
+                q = self.sweep.final_q(self._key_of(n.args[0]))
+                m = (q * math.sqrt(q.shape[1] / d)).float()
+                vs = [v @ m for v in vs]
+            values[n] = vs
+        del held
+        self.request.take(block, values, self.weight_of)
+        self.taken += 1
+
+    def weight_of(self, linear: fx.Node) -> torch.Tensor:
+        w = ir.get_param(self.gm, ir.linear_parts(linear)[1]).detach().double()
+        if linear in self.readers:
+            s_in = self.sweep.rs.stream[linear.args[0]]
+            q = self.sweep.final_q(self.sweep.keys[s_in])
+            factor = math.sqrt(q.shape[0] / q.shape[1]) if s_in in self.sweep.rs.norm_of_stream \
+                else 1.0
+            return w @ q * factor
+        if linear in self.writers:
+            return self.sweep.final_q(self._key_of(linear)).T @ w
+        return w
+
+    def finish(self) -> None:
+        """After the sweep: close the last group, hand over what waited for it."""
+        if self.sweep._group is not None:
+            self.closed(self.sweep._group)
+        if self.pending:
+            raise PassError(f"slicegpt: the statistics of {self.pending[0].name()} could not be "
+                            "handed over (a basis they need was never decided)")
+
+
+def _request_of_next(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream, final: bool
+                     ) -> StatsRequest | None:
+    """The next pass's statistics request, when this sweep can fill it: every unit's last run
+    is what the output graph computes (``final``; not so for ``rerun_attention=False``, whose
+    attention halves keep the first estimate's input), and no requested tensor is the stream
+    itself (only a norm's output or a value inside a block maps to the output graph here)."""
+    request = request_of_next(gm, ctx) if final else None
+    norms = set(rs.norms)
+    if request is not None and any(n in rs.stream and n not in norms for n in request.nodes()):
+        return None
+    return request
+
+
 def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
                      keys: dict[int, str], basis: str, widths: dict[str, int], who: str,
-                     rerun: bool = True
+                     rerun: bool = True, request: StatsRequest | None = None
                      ) -> tuple[dict[str, str], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Decide the bases by sequential calibration (one sweep of the block engine).
 
@@ -433,6 +580,8 @@ def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
         widths: basis key -> kept width.
         rerun: re-run a ``global`` group's earlier units when its basis is re-estimated
             (else :meth:`SequentialBases._correct`).
+        request: the next pass's statistics request, filled from the final unit runs
+            (:class:`_Handoff`); closed by the caller once the output graph is built.
 
     Returns:
         ``(key -> basis name, basis name -> Q [d, d], basis name -> eigenvalues [d])``.
@@ -440,10 +589,12 @@ def sequential_bases(gm: fx.GraphModule, ctx: PassContext, rs: ResidualStream,
     Raises:
         PassError: a norm does not read the stream at a residual cut.
     """
-    visitor = SequentialBases(rs, keys, basis, widths, rerun)
+    visitor = SequentialBases(rs, keys, basis, widths, rerun, request, gm)
     run_blockwise(gm, ctx.require_calibration(who), visitor, propagate="transformed",
                   progress=ctx.progress, desc=who, unit="segment",
                   compute_dtype=ctx.calibration_dtype)
+    if visitor.handoff is not None:
+        visitor.handoff.finish()
     missing = sorted(set(keys.values()) - set(visitor.group_of_key))
     if missing:
         where = {n.name: ir.site(n) or n.name for n in rs.norms}
@@ -743,9 +894,11 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     table = None if tie is None else ir.get_param(gm, tie[0].args[0]).detach().clone()
     key_width = {k: (d if k == head and not slice_head else width) for k in set(keys.values())}
     _warn_group_sizes(ctx, who, width, d, sparsity, round_to)
+    request = None
     if calibration == "sequential":
+        request = _request_of_next(gm, ctx, rs, rerun_attention or basis != "global")
         group_of, bases, eig = sequential_bases(gm, ctx, rs, keys, basis, key_width, who,
-                                               rerun_attention)
+                                               rerun_attention, request)
         labels = {}
         for k, g in group_of.items():
             labels.setdefault(g, []).append(k)
@@ -793,6 +946,9 @@ def slice_residual(gm: fx.GraphModule, ctx: PassContext | None, *, basis: str,
     gm.recompile()
     propagate_shapes(gm, probe, f"after {who}")
     gm.meta[_MARK] = True
+    if request is not None:
+        request.close(gm)
+        ctx.extra[HANDED_STATS] = request
     stats.update({f"rotation_invariant_{k}": v for k, v in pre.items() if v})
     stats.update(hidden_before=d, hidden_after=width, bases=len(bases),
                  head_tied=int(tie is not None), head_adapters_refolded=refolded,

@@ -32,7 +32,12 @@ extrema of every linear input, then the block's sites decided and folded (later 
 then the statistics of the smoothed inputs, log2 histograms included, taken from the block's
 stored inputs times ``1/s`` (:class:`compiler.stats.BlockStats`) and handed to the passes after,
 so ``insert_qdq``'s mse / percentile ranges need no sweep of their own. The scales are those of
-the whole-graph route bit for bit. That route (one :class:`compiler.stats.ActivationStats`
+the whole-graph route bit for bit. Right after a pass that runs its own block sweep and can
+measure on its output graph (``slicegpt`` with sequential calibration), no sweep at all: this
+pass hands that pass a request (:meth:`SmoothQuant.stats_request`, the pass contract's
+:meth:`compiler.pass_base.Pass.stats_request`), the sites are decided unit by unit in that
+sweep on the output graph's values and weights (same order, same formulas), and this pass only
+folds the scales and hands the smoothed statistics on (the pass notes say so). That route (one :class:`compiler.stats.ActivationStats`
 sweep, whose extrema follow the scales exactly but whose histograms do not) is taken when the
 statistics are already at hand, when no later pass wants histograms, when ``stats_cache_dir``
 asks for the disk cache, when the graph has no block split (or a block would hold several
@@ -82,7 +87,7 @@ from __future__ import annotations
 
 import logging
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -91,7 +96,8 @@ from compiler import ir
 from compiler.blockwise import BlockVisitor
 from compiler.depgraph import ChannelGroups, ChannelGroupsAnalysis
 from compiler.errors import PassError
-from compiler.pass_base import Pass, PassContext, PassResult
+from compiler.pass_base import HANDED_STATS, Pass, PassContext, PassResult
+from compiler.stats import StatsRequest
 from compiler.qdq import is_lm_head
 
 log = logging.getLogger(__name__)
@@ -538,8 +544,28 @@ class SmoothQuant(Pass):
         # fixed alpha (where s = 1 follows from the formula)
         searched = gm.meta.setdefault("smoothquant_searched", {}) if auto else {}
         chosen: list[float] = []
-        blockwise = _blockwise_route(gm, ctx, todo, table_key)
-        if isinstance(blockwise, str):  # one whole-graph sweep (or cached statistics)
+        req = ctx.extra.pop(HANDED_STATS, None)
+        if isinstance(req, _SmoothingRequest) and req.accepts(self, gm):
+            missing = [s.site for s in todo if s.site not in req.decided]
+            if missing:
+                notes.append(f"statistics: the earlier pass's sweep did not cover {missing[0]}; "
+                             "measured here instead")
+                req = None
+        else:
+            req = None
+        blockwise = req or _blockwise_route(gm, ctx, todo, table_key)
+        if req is not None:  # decided in the earlier pass's sweep, on this graph's values
+            plans = req.fold(gm, todo)
+            searched.update(req.searched)
+            chosen.extend(req.chosen)
+            notes.extend(req.notes)
+            handed = req.collector.table().without(_stale_tensors(plans))
+            every = frozenset(handed.sites())
+            handed_key = dict(sites=every, covariance=frozenset(), histogram=every
+                              if req.collector.histogram else frozenset())
+            notes.append(f"statistics: taken in the previous pass's block sweep, on its output "
+                         f"graph ({len(req.collector.site_to_tensor)} sites; no sweep here)")
+        elif isinstance(blockwise, str):  # one whole-graph sweep (or cached statistics)
             notes.append(f"statistics: {blockwise}")
             table = ctx.analysis(ActivationStats, gm, **table_key)
             _check_widths(table, todo)
@@ -577,13 +603,42 @@ class SmoothQuant(Pass):
         result.analyses.append((ActivationStats, dict(handed_key), handed))
         return result
 
+    def stats_request(self, gm: fx.GraphModule, ctx: PassContext) -> _SmoothingRequest | None:
+        """The block statistics this pass needs, for the pass before it to measure in its own
+        sweep (SliceGPT's): every linear input of ``gm`` (histograms too when a later pass
+        wants them), with this pass's sites decided on each unit as it completes, as
+        :meth:`_smooth_blockwise` does (see :class:`_SmoothingRequest`)."""
+        if not ctx.calibration or ctx.extra.get("stats_cache_dir") or is_quantized_graph(gm):
+            return None
+        from compiler.stats import linear_input_sites
+
+        sites = find_smoothing_sites(gm, ctx.analysis(ChannelGroupsAnalysis, gm))
+        todo = [s for s in sites if s.skip is None]
+        if not todo:
+            return None
+        later = (ctx.upcoming or ())[1:]
+        searched = dict(gm.meta.get("smoothquant_searched", {})) if self.alpha == "auto" else {}
+        return _SmoothingRequest(self, gm, todo, {s.site for s in todo} | set(linear_input_sites(gm)),
+                                 any(p.wants_histograms() for p in later), searched)
+
     def _smooth(self, gm: fx.GraphModule, s: SmoothingSite, table, searched: dict,
                 chosen: list[float], notes: list[str]) -> tuple[SmoothingSite, torch.Tensor] | None:
         """Decide ``s``'s scales from ``table`` and fold them; the plan, or None if left alone."""
+        scale = self._decide(s, table, _consumer_weights(gm, s), searched, chosen, notes)
+        if scale is None:
+            return None
+        fold_smoothing_scales(gm, s, scale)
+        log.debug("smoothquant: %s: %d channels into %s (max s %.3g, min s %.3g)", s.site,
+                  s.width, ir.site(s.producer), scale.max(), scale.min())
+        return s, scale
+
+    def _decide(self, s: SmoothingSite, table, weights: list[torch.Tensor], searched: dict,
+                chosen: list[float], notes: list[str]) -> torch.Tensor | None:
+        """``s``'s scales from ``table`` and its consumers' ``weights`` (``[out, C]``), or None
+        when the site is left alone (smoothed by an earlier search, or already smooth)."""
         if s.site in searched:
             notes.append(f"{s.site}: already smoothed (alpha {searched[s.site]:g} from a search)")
             return None
-        weights = _consumer_weights(gm, s)
         wmax = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0)
         alpha = self.alpha
         if alpha == "auto":
@@ -599,10 +654,7 @@ class SmoothQuant(Pass):
         scale = smoothing_scales(table[s.site].absmax, wmax, s.channel_of, s.width, alpha)
         if (scale - 1).abs().max() <= UNIT_TOL:
             return None  # already smooth (e.g. a second run)
-        fold_smoothing_scales(gm, s, scale)
-        log.debug("smoothquant: %s: %d channels into %s (max s %.3g, min s %.3g)", s.site,
-                  s.width, ir.site(s.producer), scale.max(), scale.min())
-        return s, scale
+        return scale
 
     def _smooth_blockwise(self, gm, ctx: PassContext, todo: list[SmoothingSite], table_key,
                           block_of, searched, chosen, notes):
@@ -657,6 +709,85 @@ class _SmoothingSweep(BlockVisitor):
                 self.plans.append(plan)
                 factors[table.tensor_of(s.site)] = 1.0 / plan[1][s.channel_of]
         self.collector.finish(block, factors)
+
+
+class _SmoothingRequest(StatsRequest):
+    """SmoothQuant's order to the pass before it (:meth:`SmoothQuant.stats_request`): per unit
+    taken, the statistics of its linear inputs, its sites decided on them and on the weights
+    the output graph will hold (later sites first, each producer's rows divided as its fold
+    will), and the statistics of the smoothed inputs, as :class:`_SmoothingSweep` measures
+    them. :meth:`SmoothQuant.run` then folds the scales decided here into the output graph.
+
+    A norm site's width is the taken values' (the earlier pass may slice the stream)."""
+
+    def __init__(self, owner: SmoothQuant, gm: fx.GraphModule, todo: list[SmoothingSite],
+                 sites: set[str], histogram: bool, searched: dict) -> None:
+        from compiler.stats import BlockStats
+
+        super().__init__(owner)
+        self.collector = BlockStats(gm, sites, histogram=histogram,
+                                    sqsum=owner.alpha == "auto")
+        self.by_tensor = {s.x: s for s in todo}
+        self.scales: dict[str, torch.Tensor] = {}
+        self.decided: set[str] = set()
+        self.searched, self.chosen, self.notes = searched, [], []
+
+    def nodes(self) -> list[fx.Node]:
+        return self.collector.tensors
+
+    def tensors(self, block) -> list[fx.Node]:
+        return self.collector.observed(block)
+
+    def take(self, block, values, weight_of) -> None:
+        for n, vs in values.items():
+            for v in vs:
+                self.collector.observe(n, v)
+        table = self.collector.measured(block)
+        divided: dict[str, torch.Tensor] = {}  # producer weight -> its rows' divisors so far
+        factors = {}
+        for s in reversed([self.by_tensor[n] for n in values if n in self.by_tensor]):
+            width = table[s.site].absmax.shape[0]
+            if s.width != width and ir.is_op(s.producer, ir.RMS_NORM, ir.LAYER_NORM):
+                s = replace(s, channel_of=torch.arange(width), width=width)
+            weights, seen = [], set()
+            for c in s.consumers:
+                target = str(ir.linear_parts(c)[1].target)
+                if target in seen:
+                    continue
+                seen.add(target)
+                w = weight_of(c)
+                if target in divided:
+                    if divided[target].shape[0] != w.shape[0]:
+                        raise PassError(f"smoothquant: {s.site}: a consumer's rows are only "
+                                        "partly another site's producer; cannot decide it in "
+                                        "the earlier pass's sweep")
+                    w = w / divided[target][:, None]
+                weights.append(w)
+            scale = self.owner._decide(s, table, weights, self.searched, self.chosen, self.notes)
+            self.decided.add(s.site)
+            if scale is None:
+                continue
+            self.scales[s.site] = scale
+            for target, dim in s.producer_params:
+                if dim == 0:
+                    divided[target] = scale
+            factors[table.tensor_of(s.site)] = 1.0 / scale[s.channel_of]
+        self.collector.finish(block, factors)
+
+    def fold(self, gm: fx.GraphModule, todo: list[SmoothingSite]
+             ) -> list[tuple[SmoothingSite, torch.Tensor]]:
+        """Fold the decided scales into ``gm`` (later sites first); the plans."""
+        plans = []
+        for s in reversed(todo):
+            scale = self.scales.get(s.site)
+            if scale is None:
+                continue
+            if scale.shape[0] != s.width:
+                raise PassError(f"smoothquant: {s.site}: {scale.shape[0]} scales were decided in "
+                                f"the earlier pass's sweep for {s.width} channels")
+            fold_smoothing_scales(gm, s, scale)
+            plans.append((s, scale))
+        return plans
 
 
 def _check_widths(table, todo: list[SmoothingSite]) -> None:

@@ -11,11 +11,12 @@ import torch
 
 from compiler.blockwise import SWEEPS
 from compiler.pass_base import PassContext
-from compiler.pass_manager import PassManager
+from compiler.pass_manager import Instrument, PassManager
 from compiler.report import Report
 from compiler.stats import ActivationStats, collect_stats, linear_input_sites
 from passes import make_pass
 from passes.canonicalize import canonicalize
+from passes.smoothquant import SmoothQuant
 from tests.conftest import tiny_graph
 
 RTOL = 1e-5  # the issue's bound; measured differences are float64 rounding (~1e-15)
@@ -222,19 +223,72 @@ def test_block_engine_passes_count_one_sweep_each():
     assert rep.table().splitlines()[2].split()[4] == "1"  # the sweeps column
 
 
-def test_the_default_recipe_after_slicegpt_calibrates_smoothquant_block_by_block():
-    # slicegpt -> smoothquant -> insert_qdq(mse), the compile-time benchmark's pipeline: the
-    # sliced graph splits into one block per layer, SmoothQuant gives the gain-free norms their
-    # gains inside its sweep, and insert_qdq takes the handed histograms (no sweep of its own)
+class _TableBeforeLast(Instrument):
+    """Keeps a copy of the graph the last pass reads and the activation statistics handed to
+    it (what the pass before it put in the analysis cache)."""
+
+    def __init__(self, last: str) -> None:
+        self.last, self.gm, self.table = last, None, None
+
+    def before_pass(self, p, gm, ctx, record):
+        if p.name == self.last:
+            self.gm = copy.deepcopy(gm)
+            entries = ctx.analyses._cache.get(gm.graph, {})
+            self.table = next(v for (name, _), (_, v) in entries.items()
+                              if name == "activation_stats")
+
+
+def _run_with(gm, specs, calib, *instruments):
+    ctx = PassContext(calibration=calib, probe_inputs=calib[0])
+    ctx.properties.add("canonical")
+    report = Report(model="t")
+    PassManager([make_pass(s) for s in specs], instruments=list(instruments)).run(gm, ctx, report)
+    return report
+
+
+@pytest.mark.parametrize("slicegpt", ["slicegpt(sparsity=0.25)",
+                                      "slicegpt(sparsity=0.25, basis='per_norm')"])
+@pytest.mark.parametrize("smoothquant", ["smoothquant(alpha=0.5)", "smoothquant"])
+def test_slicegpt_measures_for_smoothquant_in_its_own_sweep(slicegpt, smoothquant, monkeypatch):
+    # slicegpt -> smoothquant -> insert_qdq(mse), the compile-time benchmark's pipeline: SliceGPT
+    # hands SmoothQuant the statistics of its output graph from its final block runs, SmoothQuant
+    # decides there, and insert_qdq takes the smoothed histograms: one sweep for the three
     calib = _calib()
+    specs = [slicegpt, smoothquant, "insert_qdq(scheme='w8a8')"]
+    seen = _TableBeforeLast("insert_qdq")
     gm = canonicalize(tiny_graph("llama"))
-    _, rep = _run(gm, ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)",
-                       "insert_qdq(scheme='w8a8')"], calib)
-    assert [r.sweeps for r in rep.records] == [1, 1, 0]
+    rep = _run_with(gm, specs, calib, seen)
+    assert [r.sweeps for r in rep.records] == [1, 0, 0]
     assert rep.records[1].stats["folded_into_norms"] > 0
-    assert any("block-by-block" in n for n in rep.records[1].notes), rep.records[1].notes
+    assert any("taken in the previous pass's block sweep" in n for n in rep.records[1].notes)
+    # the handed table against a fresh sweep of the smoothed graph
+    sites = sorted(seen.table.sites())
+    assert len(sites) >= 8
+    fresh = collect_stats(seen.gm, calib, histogram=sites)
+    _assert_equal_stats(seen.table, fresh, hist=False)
+    _assert_close_histograms(seen.table, fresh)
+    # the same decisions as SmoothQuant's own sweep of the sliced graph
+    monkeypatch.setattr(SmoothQuant, "stats_request", lambda self, gm, ctx: None)
     ref = canonicalize(tiny_graph("llama"))
-    _run(ref, ["slicegpt(sparsity=0.25)", "smoothquant(alpha=0.5)"], calib)
-    _run(ref, ["insert_qdq(scheme='w8a8')"], calib)  # its own context: measures
+    rep_ref = _run_with(ref, specs, calib)
+    assert [r.sweeps for r in rep_ref.records] == [1, 1, 0]
+    assert rep.records[1].stats == rep_ref.records[1].stats
+    pa, pb = dict(gm.named_parameters()), dict(ref.named_parameters())
+    assert pa.keys() == pb.keys()
+    for k in pa:  # the folded scales from weights computed apart: float rounding only
+        torch.testing.assert_close(pa[k], pb[k], rtol=RTOL, atol=RTOL * float(pb[k].abs().max()))
     assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=SCALE_RTOL) \
         and _static_scales(gm)
+
+
+@pytest.mark.parametrize("specs", [
+    # the attention halves keep the first estimate's input: their last run is not the graph's
+    ["slicegpt(sparsity=0.25, rerun_attention=False)", "smoothquant(alpha=0.5)"],
+    # only the pass right after it is measured for
+    ["slicegpt(sparsity=0.25)", "canonicalize", "smoothquant(alpha=0.5)"]])
+def test_smoothquant_measures_for_itself_where_slicegpt_cannot_hand_over(specs):
+    calib = _calib()
+    gm = canonicalize(tiny_graph("llama"))
+    rep = _run_with(gm, [*specs, "insert_qdq(scheme='w8a8')"], calib)
+    assert [r.sweeps for r in rep.records][-2:] == [1, 0]
+    assert any("block-by-block" in n for n in rep.records[-2].notes), rep.records[-2].notes
