@@ -340,6 +340,7 @@ class SequentialBases(BlockVisitor):
         self._group_cov: torch.Tensor | None = None
         self._group_units: list[Block] = []
         self._group_inputs: list[torch.Tensor] = []
+        self._last_of_group: dict[str, int] | None = None  # group -> its last deciding unit
 
     def _key(self, block: Block) -> str:
         s = self.rs.stream.get(block.input)
@@ -398,6 +399,8 @@ class SequentialBases(BlockVisitor):
                 else:
                     self._correct(runner)
             self.group_of_key[key] = group
+            if self.handoff is not None and self._last_unit(runner, group) == block.index:
+                self.handoff.closed(group)  # its basis is final: hand over what waited for it
         self._group_units.append(block)
         if self.handoff is not None:
             self.handoff.pending.append(block)
@@ -405,8 +408,23 @@ class SequentialBases(BlockVisitor):
             p = self._p(key)
             runner.replace_inputs([project(x, p) for x in runner.inputs])
 
+    def _last_unit(self, runner: BlockRunner, group: str) -> int:
+        """The index of the last unit that re-estimates ``group``'s basis (the units whose
+        :meth:`_decides` holds, found in order before the sweep changes that)."""
+        if self._last_of_group is None:
+            self._last_of_group, seen = {}, set()
+            for b in runner.partition.blocks:
+                key = self._key(b)
+                if key not in seen and self.rs.stream[b.input] == self.norm_input[key][0]:
+                    seen.add(key)
+                    self._last_of_group[self._group_name(runner, key)] = b.index
+        return self._last_of_group.get(group, -1)
+
     def propagated(self, block: Block) -> list[fx.Node]:
-        return [] if self.handoff is None else self.handoff.wanted(block)
+        if self.handoff is None or (self.rerun and self.basis == "global"
+                                    and self._group_units == [block]):
+            return []  # a global block's first unit is re-run with the block's basis: not final
+        return self.handoff.wanted(block)
 
     def observe_propagated(self, block: Block, node: fx.Node, value: torch.Tensor,
                            batch: int) -> None:
@@ -533,16 +551,19 @@ class _Handoff:
         self.taken += 1
 
     def weight_of(self, linear: fx.Node) -> torch.Tensor:
-        w = ir.get_param(self.gm, ir.linear_parts(linear)[1]).detach().double()
+        """The weight ``linear`` will hold in the output graph, as float64 from a float32
+        product (it decides scales through column maxima: float32 rounding, 1e-7 relative, is
+        far below what changes a decision; :func:`rotate_residual` forms it in float64)."""
+        w = ir.get_param(self.gm, ir.linear_parts(linear)[1]).detach().float()
         if linear in self.readers:
             s_in = self.sweep.rs.stream[linear.args[0]]
             q = self.sweep.final_q(self.sweep.keys[s_in])
             factor = math.sqrt(q.shape[0] / q.shape[1]) if s_in in self.sweep.rs.norm_of_stream \
                 else 1.0
-            return w @ q * factor
-        if linear in self.writers:
-            return self.sweep.final_q(self._key_of(linear)).T @ w
-        return w
+            w = w @ (q * factor).float()
+        elif linear in self.writers:
+            w = self.sweep.final_q(self._key_of(linear)).T.float() @ w
+        return w.double()
 
     def finish(self) -> None:
         """After the sweep: close the last group, hand over what waited for it."""
