@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                     choices=["stories260K", "smollm2"])
     ap.add_argument("--only", nargs="*", default=None, help="pipeline names")
     ap.add_argument("--out", type=Path, help="append JSON lines here")
+    ap.add_argument("--dtypes", nargs="*", default=None, help="calibration dtypes (default both)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, passes in pipelines(model).items():
             if args.only and name not in args.only:
                 continue
-            for dtype in DTYPES:
+            for dtype in (args.dtypes or DTYPES):
                 t0 = time.perf_counter()
                 cm = compiler.compile(net, passes, calibration=calib, calibration_dtype=dtype,
                                       report_data=False)
