@@ -386,8 +386,6 @@ class SequentialBases(BlockVisitor):
             group = self._group_name(runner, key)
             cov, self._cov = self._cov, None
             if group != self._group:  # a new group starts at this unit
-                if self.handoff is not None and self._group is not None:
-                    self.handoff.closed(self._group)
                 self._group, self._group_cov = group, cov
                 self._group_units, self._group_inputs = [], list(runner.inputs)
                 self._estimate()
@@ -475,7 +473,7 @@ class _Handoff:
     A unit's values are final after its last run: the propagation run, or for a ``global``
     block's attention half the replay with the block's basis. Values are held per unit (in the
     unsliced coordinates the sweep computes in) until every basis the output graph's values and
-    weights need is final (its group closed: the next group started, or the sweep ended; a
+    weights need is final (its group closed: its last deciding unit re-estimated it; a
     block's ``down_proj`` writes the next block's basis, so the MLP half waits one block), then
     handed over in the output graph's coordinates: a stream norm's output ``n`` becomes
     ``sqrt(k/d) n Q_k`` (the sliced norm divides by ``k``), a reader's weight ``sqrt(d/k) W Q_k``,
@@ -558,9 +556,7 @@ class _Handoff:
         if linear in self.readers:
             s_in = self.sweep.rs.stream[linear.args[0]]
             q = self.sweep.final_q(self.sweep.keys[s_in])
-            factor = math.sqrt(q.shape[0] / q.shape[1]) if s_in in self.sweep.rs.norm_of_stream \
-                else 1.0
-            w = w @ (q * factor).float()
+            w = w @ (q * _reader_factor(self.sweep.rs, s_in, q.shape[1])).float()
         elif linear in self.writers:
             w = self.sweep.final_q(self._key_of(linear)).T.float() @ w
         return w.double()
@@ -692,7 +688,7 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
         s_in = rs.stream[r.args[0]]
         if keys[s_in] in fixed:
             continue
-        factor = math.sqrt(d / widths[keys[s_in]]) if s_in in rs.norm_of_stream else 1.0
+        factor = _reader_factor(rs, s_in, widths[keys[s_in]])
         if once(wn, "in"):
             _set(gm, wn, ir.get_param(gm, wn).double() @ q[keys[s_in]] * factor)  # W: [out, k]
             stats["readers"] += 1
@@ -728,6 +724,12 @@ def rotate_residual(gm: fx.GraphModule, rs: ResidualStream, keys: dict[int, str]
             n.args = tuple(new)
             stats["shape_ops"] += 1
     return stats
+
+
+def _reader_factor(rs: ResidualStream, stream: int, k: int) -> float:
+    """The factor a reader of ``stream`` sliced to ``k`` directions takes: ``sqrt(d/k)`` behind
+    a norm (the sliced norm divides by ``k``, the original by ``d``), else 1."""
+    return math.sqrt(rs.width / k) if stream in rs.norm_of_stream else 1.0
 
 
 #: why insert_qdq / gptq / awq leave a shortcut float (:data:`compiler.ir.KEEP_FLOAT`):

@@ -421,12 +421,18 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, chan
 
 def _consumer_weights(gm: fx.GraphModule, site: SmoothingSite) -> list[torch.Tensor]:
     """The distinct consumers' weights ``[out, C]`` as float64."""
+    return [ir.get_param(gm, ir.linear_parts(c)[1]).detach().to(torch.float64)
+            for c in _distinct_consumers(site)]
+
+
+def _distinct_consumers(site: SmoothingSite) -> list[fx.Node]:
+    """The site's consumers, one per weight parameter (q/k/v may share a fused one)."""
     out, seen = [], set()
     for c in site.consumers:
-        w = ir.linear_parts(c)[1]
-        if str(w.target) not in seen:
-            seen.add(str(w.target))
-            out.append(ir.get_param(gm, w).detach().to(torch.float64))
+        target = str(ir.linear_parts(c)[1].target)
+        if target not in seen:
+            seen.add(target)
+            out.append(c)
     return out
 
 
@@ -749,12 +755,9 @@ class _SmoothingRequest(StatsRequest):
             width = table[s.site].absmax.shape[0]
             if s.width != width and ir.is_op(s.producer, ir.RMS_NORM, ir.LAYER_NORM):
                 s = replace(s, channel_of=torch.arange(width), width=width)
-            weights, seen = [], set()
-            for c in s.consumers:
+            weights = []
+            for c in _distinct_consumers(s):
                 target = str(ir.linear_parts(c)[1].target)
-                if target in seen:
-                    continue
-                seen.add(target)
                 w = weight_of(c)
                 if target in divided:
                     if divided[target].shape[0] != w.shape[0]:
