@@ -223,6 +223,12 @@ def test_block_engine_passes_count_one_sweep_each():
     assert rep.table().splitlines()[2].split()[4] == "1"  # the sweeps column
 
 
+#: folded weights, the hand-over's route against SmoothQuant's own sweep, as a fraction of each
+#: parameter's largest entry (measured at most 5.3e-7: the scales decided on weights formed in
+#: float32 instead of the rewrite's float64)
+PARAM_TOL = 1e-6
+
+
 class _TableBeforeLast(Instrument):
     """Keeps a copy of the graph the last pass reads and the activation statistics handed to
     it (what the pass before it put in the analysis cache)."""
@@ -276,7 +282,7 @@ def test_slicegpt_measures_for_smoothquant_in_its_own_sweep(slicegpt, smoothquan
     pa, pb = dict(gm.named_parameters()), dict(ref.named_parameters())
     assert pa.keys() == pb.keys()
     for k in pa:  # the folded scales from weights computed apart: float rounding only
-        torch.testing.assert_close(pa[k], pb[k], rtol=RTOL, atol=RTOL * float(pb[k].abs().max()))
+        torch.testing.assert_close(pa[k], pb[k], rtol=0, atol=PARAM_TOL * float(pb[k].abs().max()))
     assert _static_scales(gm) == pytest.approx(_static_scales(ref), rel=SCALE_RTOL) \
         and _static_scales(gm)
 
